@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole ICU pipeline on the offline toy world, CPU only (about 10 minutes on 2 cores):
+# toy world -> data_prep -> eval of the original -> ICU -> eval of the unlearned -> table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TOY=${ICU_TOY_DIR:-datasets/toy}
+OUT=${ICU_DEMO_DIR:-result/demo}
+OFFLINE=(--gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2)
+
+echo "== 1/5 toy world"
+python -m icu.toy --out "$TOY"
+
+echo "== 2/5 data_prep (forget set + nearest-neighbour learn set)"
+python data_prep.py --train_file "$TOY/train_dataset.npy" --exp_dir "$TOY/exp" --exps exp0 \
+    --embedder builtin:all-MiniLM-L6-v2 --gpt2_name builtin:gpt2
+
+echo "== 3/5 eval of the original model"
+python eval.py --exp exp0 --data_dir "$TOY/exp" --model_name "$TOY/model" "${OFFLINE[@]}" \
+    --device cpu --batch_size 16 --dir "$OUT/before"
+
+echo "== 4/5 ICU"
+python train_neo_meanwhile_update.py --exp exp0 --data_dir "$TOY/exp" --model_name "$TOY/model" \
+    "${OFFLINE[@]}" --device cpu --batch_size 8 --eval_batch_size 16 \
+    --lr "${ICU_DEMO_LR:-1e-4}" --max_epochs 20 --dir "$OUT/train" --overwrite
+
+MODEL=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_dir'])" "$OUT/train/run.json")
+echo "== 5/5 eval of the unlearned model ($MODEL)"
+python eval.py --exp exp0 --data_dir "$TOY/exp" --model_name "$MODEL" "${OFFLINE[@]}" \
+    --device cpu --batch_size 16 --dir "$OUT/after"
+
+python -m icu.demo --toy "$TOY" --before "$OUT/before" --after "$OUT/after" --run "$OUT/train"

@@ -1,0 +1,299 @@
+"""The ICU loop on a tiny random GPT-Neo with a scripted (or loss-based) evaluator.
+
+These tests pin the loop's own logic (loss, masking by flags, stop rule, guards, checkpoints);
+the real forget-set evaluation is tested in test_forget_eval.py and end to end in
+test_trainer_cli.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icu import loop as loop_mod
+from icu.data import PairedDataset, encode_rows
+from icu.engine import TorchEngine
+from icu.losses import icu_loss, kl_term, lm_loss
+from icu.loop import ICULoop, LoopConfig, NonFiniteLoss, final_model_dir, stop_reason
+from icu.toy import tiny_neo_config
+from icu.toytext import generate_families
+
+N = 6
+LEN = 24
+
+
+def tiny_model(seed=0):
+    from transformers import GPTNeoForCausalLM
+
+    torch.manual_seed(seed)
+    m = GPTNeoForCausalLM(tiny_neo_config(hidden_size=16, num_layers=1, num_heads=2))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(gpt2_tok):
+    docs = generate_families(2 * N, 3, seed=1, sentences_per_doc=18)
+    rows = np.asarray([gpt2_tok(t)["input_ids"][:200] for _, t in docs], dtype=np.uint16)
+    enc = lambda r, ids: encode_rows(r, ids, gpt2_tok, gpt2_tok, prefix_length=LEN, suffix_length=LEN)
+    return PairedDataset(enc(rows[:N], range(N)), enc(rows[N:], range(N, 2 * N)))
+
+
+class ScriptedEval:
+    """Returns the scripted F1/BLEU/MA/EL of validation number k (k = 0, 1, ...)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = 0
+
+    def __call__(self, model, tok, gpt2, data, *, indices, f1, bleu, **kw):
+        s = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        idx = list(indices)
+        f1s, bleus = np.asarray(s["F1"], float)[idx], np.asarray(s["bleu"], float)[idx]
+        df = pd.DataFrame({
+            "id": data.doc_ids[idx].numpy(), "prefix": "p", "reference": "r", "candidate": "c",
+            "bleu": bleus, "P": f1s, "R": f1s, "F1": f1s, "diff": 1.0, "entropy": 1.0,
+            "ma": s["ma"], "el_10": s["el"], "loss": 1.0,
+        })
+        flags = ((f1s >= f1) & (bleus >= bleu)).astype(np.int64)
+        return SimpleNamespace(per_sample=df, flags=flags, loss_sum=2.0, loss_batches=1)
+
+
+class LossEval:
+    """Weights-dependent stand-in: flag = per-sample LM loss below ``thr``; MA = exp(-mean loss)."""
+
+    def __init__(self, thr):
+        self.thr = thr
+
+    @torch.no_grad()
+    def __call__(self, model, tok, gpt2, data, *, indices, **kw):
+        idx = list(indices)
+        was = model.training
+        model.eval()
+        losses = np.asarray([
+            lm_loss(model(input_ids=data.input_ids[i : i + 1]).logits, data.labels[i : i + 1]).item() for i in idx
+        ])
+        model.train(was)
+        f1 = (losses < self.thr).astype(float)
+        df = pd.DataFrame({
+            "id": data.doc_ids[idx].numpy(), "prefix": "p", "reference": "r", "candidate": "c",
+            "bleu": f1, "P": f1, "R": f1, "F1": f1, "diff": 1.0, "entropy": 1.0,
+            "ma": np.exp(-losses), "el_10": np.exp(-losses), "loss": losses,
+        })
+        return SimpleNamespace(per_sample=df, flags=f1.astype(np.int64), loss_sum=float(losses.sum()), loss_batches=len(idx))
+
+
+def make_loop(tmp_path, pairs, evaluator, model=None, **cfg_kw):
+    model = model or tiny_model()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    cfg = LoopConfig(exp="exp0", model_name="tiny", dir=str(tmp_path), lr=1e-3, batch_size=2,
+                     target_length=LEN, **cfg_kw)
+    eng = TorchEngine(model, cfg.lr, torch.device("cpu"))
+    return ICULoop(eng, cfg, tokenizer=None, gpt2_tokenizer=None, dataset=pairs, reference_model=ref,
+                   scorer=None, evaluator=evaluator)
+
+
+# --------------------------------------------------------------------------- loss terms
+
+
+def test_loss_terms_match_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[1, 2, -100, 4], [-100, 0, 3, 3]])
+    ref_logits = torch.randn(2, 4, 5)
+    p0 = torch.softmax(ref_logits, -1)
+    # causal LM: position t predicts label t+1, ignored labels skipped, mean over the rest
+    terms = []
+    for b in range(2):
+        for t in range(3):
+            y = labels[b, t + 1].item()
+            if y != -100:
+                terms.append(-(logits[b, t, y] - torch.logsumexp(logits[b, t], 0)).item())
+    assert lm_loss(logits, labels).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+    kl_terms = []
+    for b in range(2):
+        for t in range(4):
+            q = torch.softmax(logits[b, t], 0)
+            kl_terms.append(-sum(p0[b, t, v] * torch.log(q[v] + 1e-12) for v in range(5)).item())
+    assert kl_term(logits, p0).item() == pytest.approx(sum(kl_terms) / len(kl_terms), rel=1e-6)
+    # equals KL(p0||q) + H(p0): its minimum over q is at q = p0
+    assert kl_term(ref_logits, p0).item() < kl_term(logits, p0).item()
+    total = icu_loss(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0), uw=1.0, lw=0.5, kl=2.0)
+    assert total.item() == pytest.approx(-2.0 + 1.5 + 10.0)
+
+
+def test_train_epoch_uses_only_flagged_samples(tmp_path, pairs):
+    """One batch holding all samples, two flagged: the update equals Adam on those two alone."""
+    model = tiny_model()
+    manual = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    lp = make_loop(tmp_path, pairs, None, model=model)
+    lp.cfg.batch_size = N
+    lp.state.flags = np.array([0, 1, 0, 0, 1, 0])
+    stats = lp.train_epoch(1)
+    assert stats["steps"] == 1
+
+    keep = torch.tensor([1, 4])
+    u, l = pairs.unlearn, pairs.learn
+    opt = torch.optim.Adam(manual.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    manual.train()
+    ul = manual(input_ids=u.input_ids[keep], attention_mask=u.attention_mask[keep]).logits
+    ll = manual(input_ids=l.input_ids[keep], attention_mask=l.attention_mask[keep]).logits
+    with torch.no_grad():
+        p0 = torch.softmax(ref(input_ids=l.input_ids[keep], attention_mask=l.attention_mask[keep]).logits, -1)
+    loss = -1.0 * lm_loss(ul, u.labels[keep]) + 0.5 * lm_loss(ll, l.labels[keep]) + 1.0 * kl_term(ll, p0)
+    loss.backward()
+    opt.step()
+    for (name, a), b in zip(model.named_parameters(), manual.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_cached_kl_mode_equals_frozen_mode(tmp_path, pairs):
+    outs = []
+    for mode in ("frozen", "cached"):
+        lp = make_loop(tmp_path / mode, pairs, None, kl_mode=mode)
+        if mode == "cached":
+            lp.build_kl_cache()
+            assert lp.kl_cache.shape == (N, LEN, 50257)
+        lp.state.flags = np.ones(N, dtype=np.int64)
+        outs.append((lp.train_epoch(1), [p.detach().clone() for p in lp.engine.module.parameters()]))
+    assert outs[0][0]["loss_kl"] == pytest.approx(outs[1][0]["loss_kl"], rel=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- flags and stopping
+
+
+def test_stop_rule():
+    assert stop_reason(0.5, {"el_10": 0.01}, 3, acc=0.5994, el_thr=0.0499) is not None
+    assert stop_reason(0.7, {"el_10": 0.01}, 3, acc=0.5994, el_thr=0.0499) is None
+    assert stop_reason(0.5, {"el_10": 0.2}, 3, acc=0.5994, el_thr=0.0499) is None
+    assert stop_reason(0.5, {"el_10": 0.2, "el_5": 0.04}, 3, 0.5994, 0.0499) is not None  # any EL_n
+    assert "no sample" in stop_reason(0.9, {"el_10": 0.9}, 0, 0.5994, 0.0499)
+
+
+def test_flags_follow_each_validation_and_run_stops_on_rule(tmp_path, pairs):
+    hi, lo = [0.9] * N, [0.0] * N
+    script = [
+        {"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5},  # epoch 0: all flagged
+        {"F1": [0.9, 0.1, 0.9, 0.1, 0.9, 0.1], "bleu": hi, "ma": 0.8, "el": 0.3},  # 3 left
+        {"F1": [0.9, 0.9, 0.1, 0.1, 0.1, 0.1], "bleu": [0.5, 0.005, 0.5, 0.5, 0.5, 0.5], "ma": 0.7, "el": 0.2},
+        {"F1": hi, "bleu": hi, "ma": 0.5, "el": 0.01},  # MA and EL below: stop
+    ]
+    seen = []
+    lp = make_loop(tmp_path, pairs, ScriptedEval(script))
+    orig = lp.train_epoch
+
+    def spy(epoch):
+        seen.append(np.flatnonzero(lp.state.flags).tolist())
+        return orig(epoch)
+
+    lp.train_epoch = spy
+    summary = lp.run()
+    assert summary["epochs"] == 3 and "MA 0.5000 < 0.5994" in summary["stop_reason"]
+    # flags are recomputed from scratch each time: sample 1 comes back at epoch 2 only via F1,
+    # but its BLEU 0.005 < 0.01 keeps it out; sample 0 stays in
+    assert seen == [[0, 1, 2, 3, 4, 5], [0, 2, 4], [0]]
+    valid = pd.read_csv(tmp_path / "valid.csv")
+    assert list(valid.columns) == ["epoch", "val_loss", "acc", "el_10"]
+    assert valid["epoch"].tolist() == [0, 1, 2, 3] and valid["acc"].tolist() == pytest.approx([0.95, 0.8, 0.7, 0.5])
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert hist["flagged"].tolist() == [6, 3, 1, 6]
+    assert list(pd.read_csv(tmp_path / "score.csv").columns) == ["epoch", "diff", "entropy", "bleu", "P", "R", "F1"]
+    e1 = pd.read_csv(tmp_path / "epoch1.csv")
+    assert list(e1.columns[:9]) == ["id", "diff", "entropy", "bleu", "P", "R", "F1", "candidate", "reference"]
+    assert os.path.isdir(final_model_dir(lp.cfg, 3)) and summary["model_dir"].endswith("tiny_exp0_lr0.001_uw1.0_lw0.5_kl1.0_epoch3_updateboth")
+    assert os.path.isfile(tmp_path / "metrics.png")
+
+
+def test_no_flagged_sample_stops_before_training(tmp_path, pairs):
+    lp = make_loop(tmp_path, pairs, ScriptedEval([{"F1": [0.0] * N, "bleu": [0.0] * N, "ma": 0.9, "el": 0.9}]))
+    lp.train_epoch = lambda epoch: pytest.fail("must not train")
+    summary = lp.run()
+    assert summary["epochs"] == 0 and "no sample" in summary["stop_reason"]
+
+
+def test_all_unflagged_batches_are_skipped(tmp_path, pairs):
+    lp = make_loop(tmp_path, pairs, None)
+    lp.cfg.batch_size = 1
+    lp.state.flags = np.array([0, 0, 1, 0, 0, 0])
+    stats = lp.train_epoch(1)
+    assert stats["steps"] == 1 and stats["skipped_batches"] == 5
+    assert np.isfinite(stats["loss_unlearn"])
+
+
+def test_max_epochs(tmp_path, pairs):
+    hi = [0.9] * N
+    lp = make_loop(tmp_path, pairs, ScriptedEval([{"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5}]), max_epochs=2)
+    summary = lp.run()
+    assert summary["epochs"] == 2 and "--max_epochs 2" in summary["stop_reason"]
+    assert len(pd.read_csv(tmp_path / "valid.csv")) == 3
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, pairs, monkeypatch):
+    hi = [0.9] * N
+    lp = make_loop(tmp_path, pairs, ScriptedEval([{"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5}]))
+    before = {k: v.clone() for k, v in lp.engine.module.state_dict().items()}
+    monkeypatch.setattr(loop_mod, "lm_loss", lambda logits, labels: (logits.sum() * float("nan")))
+    with pytest.raises(NonFiniteLoss, match="non-finite at epoch 1"):
+        lp.run()
+    state = loop_mod.load_pickle(os.path.join(tmp_path, "checkpoint", "state.pkl"))
+    assert state["epoch"] == 0
+    from transformers import GPTNeoForCausalLM
+
+    saved = GPTNeoForCausalLM.from_pretrained(os.path.join(tmp_path, "checkpoint", "model")).state_dict()
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+    # the NaN step was never applied
+    for k, v in lp.engine.module.state_dict().items():
+        assert torch.isfinite(v).all(), k
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, pairs):
+    from transformers import GPTNeoForCausalLM
+
+    # flag = "loss still below the initial max + 0.03": gradient ascent unflags samples over time
+    init = LossEval(thr=0.0)(tiny_model(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
+    thr = float(init.max()) + 0.03
+
+    def fresh(d, model=None):
+        return make_loop(d, pairs, LossEval(thr=thr), model=model, max_epochs=3, acc=0.0)
+
+    full = fresh(tmp_path / "full")
+    full_summary = full.run()
+
+    killed = fresh(tmp_path / "killed")
+    orig = killed.train_epoch
+
+    def die_at_2(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return orig(epoch)
+
+    killed.train_epoch = die_at_2
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    model = GPTNeoForCausalLM.from_pretrained(os.path.join(tmp_path, "killed", "checkpoint", "model")).eval()
+    resumed = make_loop(tmp_path / "killed", pairs, LossEval(thr=thr), model=model, max_epochs=3, acc=0.0)
+    resumed.reference_model = full.reference_model  # the original model, as the script reloads it
+    res_summary = resumed.run(resume=True)
+
+    assert res_summary["epochs"] == full_summary["epochs"] == 3
+    a = pd.read_csv(tmp_path / "full" / "history.csv")
+    b = pd.read_csv(tmp_path / "killed" / "history.csv")
+    cols = ["epoch", "val_loss", "acc", "el_10", "flagged", "loss_unlearn", "loss_learn", "loss_kl"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-6)
+    assert a["flagged"].tolist()[0] == N and a["flagged"].tolist()[-1] < N  # flags really moved
+    for (name, p), q in zip(full.engine.module.named_parameters(), resumed.engine.module.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name

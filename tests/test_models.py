@@ -1,0 +1,115 @@
+"""Loading tokenizers and models: built-ins, offline fallback, dropout, padding, dtype."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from icu import models
+from icu.errors import IcuError
+
+
+def test_builtin_gpt2_ids():
+    tok = models.load_tokenizer(models.BUILTIN_GPT2)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok.eos_token_id == 50256 and len(tok) == 50257
+    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.padding_side == "left"
+
+
+def test_builtin_gpt2_matches_shared_bpe_files(shared_dir):
+    """The packaged BPE equals the reference copy in ../shared/tokenizer/gpt2."""
+    import json
+    import os
+
+    with open(models.gpt2_bpe_files()[0], encoding="utf-8") as fh:
+        packaged = json.load(fh)
+    with open(os.path.join(shared_dir, "tokenizer", "gpt2", "vocab.json"), encoding="utf-8") as fh:
+        reference = json.load(fh)
+    assert packaged == reference
+
+
+def test_left_padding_pads_with_eos():
+    tok = models.load_tokenizer(models.BUILTIN_GPT2)
+    enc = tok(["Hello world", "Hello"], padding=True)
+    assert enc["input_ids"][1] == [50256, 15496]
+    assert enc["attention_mask"][1] == [0, 1]
+
+
+def test_gpt_neo_name_falls_back_offline_with_one_warning(caplog):
+    models._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="icu"):
+        tok = models.load_tokenizer("EleutherAI/gpt-neo-125m")
+        tok2 = models.load_tokenizer("EleutherAI/gpt-neo-125m")
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok2.pad_token == "<|endoftext|>"
+    warnings = [r for r in caplog.records if "builtin:gpt2" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_unknown_tokenizer_offline_is_a_clear_error():
+    with pytest.raises(IcuError, match="builtin:gpt2"):
+        models.load_tokenizer("someone/unknown-tokenizer")
+
+
+def test_unknown_model_offline_is_a_clear_error():
+    with pytest.raises(IcuError, match="icu.toy"):
+        models.load_model("someone/not-a-model")
+
+
+def _save(config, tmp_path, cls):
+    torch.manual_seed(0)
+    model = cls(config)
+    model.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_dropout_off_gpt_neo(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=2, num_heads=2,
+                       attention_types=[[["global", "local"], 1]], max_position_embeddings=32,
+                       resid_dropout=0.3, embed_dropout=0.3, attention_dropout=0.3)
+    model = models.load_model(_save(cfg, tmp_path, GPTNeoForCausalLM))
+    c = model.config
+    assert (c.resid_dropout, c.embed_dropout, c.attention_dropout) == (0.0, 0.0, 0.0)
+    assert not model.training
+    # dropout really off: two train-mode forwards agree
+    model.train()
+    x = torch.randint(0, 100, (2, 8))
+    assert torch.equal(model(x).logits, model(x).logits)
+
+
+def test_dropout_off_opt_and_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    opt = OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    ffn_dim=32, word_embed_proj_dim=16, max_position_embeddings=32,
+                    dropout=0.2, attention_dropout=0.2, activation_dropout=0.2)
+    m = models.load_model(_save(opt, tmp_path / "opt", OPTForCausalLM))
+    assert (m.config.dropout, m.config.attention_dropout, m.config.activation_dropout) == (0.0, 0.0, 0.0)
+    g2 = GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                    resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)
+    m = models.load_model(_save(g2, tmp_path / "gpt2", GPT2LMHeadModel))
+    assert (m.config.resid_pdrop, m.config.embd_pdrop, m.config.attn_pdrop) == (0.0, 0.0, 0.0)
+
+
+def test_dtype_option(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+                       attention_types=[[["global"], 1]], max_position_embeddings=32)
+    path = _save(cfg, tmp_path, GPTNeoForCausalLM)
+    assert models.load_model(path, dtype="bf16").dtype == torch.bfloat16
+    assert models.load_model(path).dtype == torch.float32
+    with pytest.raises(IcuError, match="fp32, bf16, fp16"):
+        models.parse_dtype("int8")
+
+
+def test_minilm_resolves_offline_to_packaged_copy():
+    path = models.resolve_embedder("all-MiniLM-L6-v2")
+    assert path == models.builtin_minilm_path()
+    bert_path, layers = models.resolve_bertscore_model("bert-base-uncased")
+    assert bert_path == models.builtin_minilm_path() and layers == 6
