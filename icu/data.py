@@ -76,6 +76,20 @@ def load_train_array(path: str, vocab_size: Optional[int] = None) -> np.ndarray:
     return validate_token_array(arr, path, vocab_size)
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _current_umask()  # read once, at import: os.umask() is process-wide, not thread-safe
+
+
+def _default_mode(path: str) -> None:
+    """Give a mkstemp file (created 0600) the permissions a plain open() would have."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_save_npy(path: str, arr: np.ndarray) -> None:
     """np.save through a temporary file and rename, so a crash never leaves half a file."""
     directory = os.path.dirname(path) or "."
@@ -84,6 +98,7 @@ def atomic_save_npy(path: str, arr: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -99,6 +114,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

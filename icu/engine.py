@@ -7,6 +7,8 @@ DeepSpeed trainer share every other line. ``TorchEngine`` is one process on one 
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import pickle
 from typing import Any, Iterable, Optional
@@ -14,6 +16,13 @@ from typing import Any, Iterable, Optional
 import torch
 
 ADAM_BETAS = (0.9, 0.98)
+DS_TAG = "icu"  # the DeepSpeed checkpoint's sub-folder inside the loop's checkpoint folder
+DS_INFO = "deepspeed.json"  # world size and ZeRO stage the checkpoint was written with
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s sample order (the same for every engine)."""
+    return seed * 100003 + epoch
 
 
 class Engine:
@@ -54,6 +63,10 @@ class Engine:
     def any_rank(self, value: bool) -> bool:
         return bool(value)
 
+    def all_reduce_sum(self, value: float) -> float:
+        """The sum of ``value`` over all ranks."""
+        return value
+
     def barrier(self) -> None:
         pass
 
@@ -91,7 +104,7 @@ class TorchEngine(Engine):
     def sampler(self, dataset, seed: int, epoch: int):
         # A generator seeded by (seed, epoch) makes each epoch's order independent of any RNG
         # state carried across epochs, so a resumed run sees the same order.
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         return torch.utils.data.RandomSampler(dataset, generator=gen)
 
     def save_model(self, path: str, tokenizer=None) -> None:
@@ -103,13 +116,26 @@ class TorchEngine(Engine):
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
 
     def load_state(self, directory: str) -> None:
-        state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device, weights_only=False)
+        path = os.path.join(directory, "optimizer.pt")
+        if not os.path.isfile(path):
+            from .errors import IcuError
+
+            raise IcuError(
+                f"{path} not found: this checkpoint was not written by the single-device trainer "
+                "(a DeepSpeed run resumes with train_neo_meanwhile_update_deepspeed.py)"
+            )
+        state = torch.load(path, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state)
 
 
 class DeepSpeedEngine(Engine):
-    """deepspeed.initialize around the model; the optimizer is DeepSpeed's Adam built from the
-    JSON config, whose lr/betas the trainer has already made consistent with the flags."""
+    """``deepspeed.initialize`` around the model: data parallel over all ranks, ZeRO 0-3.
+
+    ``ds_config`` is the dict :func:`icu.ds_config.reconcile_ds_config` produced, so its
+    optimizer lr is ``--lr``, its betas the reference's and its batch keys agree with
+    ``--batch_size`` and the world size. The process group must already be initialized (the
+    trainer script does it so that it can check the config before anything else).
+    """
 
     def __init__(self, model: torch.nn.Module, ds_config: dict):
         import deepspeed
@@ -121,11 +147,12 @@ class DeepSpeedEngine(Engine):
             model=model, model_parameters=params, config=ds_config
         )
         self.module = self.engine
-        self.device = self.engine.device
+        self.device = torch.device(self.engine.device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stage = int(self.engine.zero_optimization_stage())
 
+    # -- training
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
@@ -133,15 +160,62 @@ class DeepSpeedEngine(Engine):
         self.engine.step()
 
     def unwrapped(self) -> torch.nn.Module:
+        if self.zero_stage == 3:
+            # ZeRO-3 partitions every weight and gathers it inside each forward, a collective.
+            # Sharded validation runs a different number of forwards on each rank, so it gets a
+            # plain full copy instead (freed when the caller drops it).
+            return self._full_copy(keep=True)
         return self.engine.module
 
+    def _full_copy(self, keep: bool) -> Optional[torch.nn.Module]:
+        """A plain (hook-free) copy of the ZeRO-3 model. Every rank must call this, in step:
+        each weight is all-gathered in turn; only ranks with ``keep`` build the copy."""
+        import deepspeed
+
+        src = self.engine.module
+        dst = None
+        if keep:
+            dtype = next(src.parameters()).dtype
+            with torch.device("meta"):  # no memory, no random init
+                dst = type(src)(src.config)
+            dst.to_empty(device=self.device)
+            if hasattr(dst, "tie_weights"):
+                dst.tie_weights()  # to_empty gives tied weights (lm_head = wte) separate storage
+            dst.to(dtype)
+            if getattr(src, "generation_config", None) is not None:
+                dst.generation_config = copy.deepcopy(src.generation_config)
+            dst_params = dict(dst.named_parameters())
+            dst_buffers = dict(dst.named_buffers())
+            missing = set(dst_params) - {name for name, _ in src.named_parameters()}
+            if missing:  # a weight the copy would leave uninitialized
+                raise RuntimeError(f"ZeRO-3 evaluation copy: no source for {sorted(missing)[:3]}")
+            with torch.no_grad():
+                # Buffers are never partitioned; they also replace to_empty's garbage in
+                # non-persistent buffers such as attention masks.
+                for name, buf in src.named_buffers():
+                    dst_buffers[name].copy_(buf)
+        for name, param in src.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if dst is not None:
+                    with torch.no_grad():
+                        dst_params[name].copy_(param.data)
+        if dst is not None:
+            dst.eval().requires_grad_(False)
+        return dst
+
+    # -- data
     def sampler(self, dataset, seed: int, epoch: int):
+        # Seeded like TorchEngine's permutation: rank r takes positions r, r+W, ... of it, so
+        # step k's micro batches together are exactly the single-device batch k of size
+        # batch_size x W. (When W does not divide the dataset, DistributedSampler repeats the
+        # first few samples so every rank has the same number of batches.)
         sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=epoch_seed(seed, 0)
         )
         sampler.set_epoch(epoch)
         return sampler
 
+    # -- collectives
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(out, obj)
@@ -152,34 +226,121 @@ class DeepSpeedEngine(Engine):
         self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def all_reduce_sum(self, value: float) -> float:
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
+        self._dist.all_reduce(total, op=self._dist.ReduceOp.SUM)
+        return float(total.item())
+
     def _collective_device(self) -> torch.device:
-        # gloo reduces CPU tensors; nccl needs them on the GPU.
+        # gloo reduces CPU tensors; nccl needs them on this rank's GPU.
         return torch.device("cpu") if self._dist.get_backend() == "gloo" else self.device
 
     def barrier(self) -> None:
         self._dist.barrier()
 
+    # -- state
     def save_model(self, path: str, tokenizer=None) -> None:
-        model = self.engine.module
         if self.zero_stage == 3:
-            # Weights are partitioned across ranks: gather a full state dict (all ranks call).
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-            if self.is_main:
-                model.save_pretrained(path, state_dict=state)
-        elif self.is_main:
+            model = self._full_copy(keep=self.is_main)
+        else:
+            model = self.engine.module
+        if self.is_main:
             model.save_pretrained(path)
-        if self.is_main and tokenizer is not None:
-            tokenizer.save_pretrained(path)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
+        del model
         self.barrier()
 
     def save_state(self, directory: str) -> None:
-        # Every rank writes its optimizer shard; tag "icu" keeps one fixed sub-folder name.
-        self.engine.save_checkpoint(directory, tag="icu", save_latest=False)
+        # Every rank writes its optimizer partition under the fixed tag "icu", so the loop's
+        # checkpoint.tmp -> checkpoint swap moves one complete DeepSpeed checkpoint.
+        self.engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
+        if self.is_main:
+            info = {"world_size": self.world_size, "zero_stage": self.zero_stage}
+            with open(os.path.join(directory, DS_INFO), "w", encoding="utf-8") as fh:
+                json.dump(info, fh)
 
     def load_state(self, directory: str) -> None:
-        self.engine.load_checkpoint(
-            directory, tag="icu", load_optimizer_states=True, load_lr_scheduler_states=False
+        from .errors import IcuError
+
+        check_deepspeed_checkpoint(directory, self.world_size)
+        load_path, _ = self.engine.load_checkpoint(
+            directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
+        if load_path is None:
+            raise IcuError(f"--resume: DeepSpeed could not load the checkpoint in {os.path.join(directory, DS_TAG)}")
+
+
+def check_deepspeed_checkpoint(directory: str, world_size: int) -> None:
+    """Raise IcuError unless ``directory`` holds a DeepSpeed checkpoint this world can load.
+
+    The trainer calls it before writing anything; DeepSpeedEngine.load_state again."""
+    from .errors import IcuError
+
+    tag_dir = os.path.join(directory, DS_TAG)
+    if not os.path.isdir(tag_dir):
+        hint = (
+            " it was written by the single-device trainer; resume it with train_neo_meanwhile_update.py"
+            if os.path.isfile(os.path.join(directory, "optimizer.pt")) else ""
+        )
+        raise IcuError(f"--resume: {directory} holds no DeepSpeed checkpoint ({tag_dir} is missing);{hint}")
+    info_path = os.path.join(directory, DS_INFO)
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        # ZeRO partitions the optimizer state by rank; another world size cannot load it.
+        if info.get("zero_stage", 0) > 0 and info.get("world_size") != world_size:
+            raise IcuError(
+                f"--resume: the checkpoint in {directory} was written by {info.get('world_size')} ranks "
+                f"with ZeRO stage {info.get('zero_stage')}, this run has {world_size}; resume with "
+                f"{info.get('world_size')} ranks"
+            )
+
+
+def init_deepspeed_distributed(local_rank: Optional[int] = None) -> tuple[int, int, int, torch.device]:
+    """Join the launcher's process group (deepspeed, torchrun; or create a one-process group
+    for a plain ``python`` run). Returns (rank, local rank, world size, this rank's device):
+    cuda:LOCAL_RANK with nccl on GPUs, the CPU with gloo when DS_ACCELERATOR=cpu."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK=str(local_rank or 0), WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local_rank)  # before the first collective, so nccl uses this rank's GPU
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    return dist.get_rank(), local_rank, dist.get_world_size(), torch.device(acc.device_name(local_rank))
+
+
+def agree_on_error(error: Optional[str], world_size: int) -> Optional[str]:
+    """Every rank passes its own error (or None) and gets the first one any rank had, so a check
+    that fails anywhere stops all ranks at the same point."""
+    import torch.distributed as dist
+
+    errors: list[Optional[str]] = [None] * world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def shutdown_distributed(barrier: bool) -> None:
+    """Leave the process group before the interpreter exits. With ``barrier`` (only where every
+    rank is known to arrive) no rank tears down its connections while a peer still uses them,
+    which gloo answers with SIGABRT instead of the exit code the user should see."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_pickle(path: str, obj: Any) -> None:

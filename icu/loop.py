@@ -3,9 +3,9 @@
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
         MA < acc and some EL_n < el, or no sample is flagged, or --max_epochs.
 
-Validation is sharded over ranks: each rank evaluates rows rank, rank+W, ... of the forget
-set, the per-sample rows are gathered, and every rank derives the same flags and the same stop
-decision from the gathered table. Only the main rank writes files. After every validation the
+Validation is sharded over ranks: each rank evaluates validation batches rank, rank+W, ... of
+the forget set (see :func:`shard_indices`), the per-sample rows are gathered, and every rank
+derives the same flags and the same stop decision from the gathered table. Only the main rank writes files. After every validation the
 state needed to resume (model, optimizer, flags, epoch, history, RNG states) is checkpointed
 atomically to ``{dir}/checkpoint``.
 """
@@ -109,6 +109,15 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The forget-set rows ``rank`` validates: whole batches b = rank, rank+W, ... of the
+    unsharded order. Each batch then holds the same rows as on a single device, so the per-batch
+    val_loss summed over ranks equals the single-device sum exactly (padding and batching do not
+    change), and the ranks' loads differ by at most one batch."""
+    starts = range(rank * batch_size, n, world_size * batch_size)
+    return [i for s in starts for i in range(s, min(s + batch_size, n))]
+
+
 def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_thr: float) -> Optional[str]:
     """The reference's stop rule: no sample flagged, or MA < acc and any EL_n < el."""
     if n_flagged == 0:
@@ -165,7 +174,7 @@ class ICULoop:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self) -> Validation:
+    def validate(self, epoch: int) -> Validation:
         """One validation pass over the forget set, sharded across ranks and gathered."""
         if self.evaluator is None:
             from .forget_eval import evaluate_forget_set
@@ -174,18 +183,26 @@ class ICULoop:
         t0 = time.time()
         eng, cfg = self.engine, self.cfg
         n = len(self.dataset.unlearn)
-        indices = list(range(eng.rank, n, eng.world_size))
-        res = self.evaluator(
-            eng.unwrapped(), self.tokenizer, self.gpt2, self.dataset.unlearn,
-            scorer=self.scorer, batch_size=cfg.eval_batch_size or cfg.batch_size,
-            target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
-            indices=indices, progress=eng.is_main, desc=f"validation {self.state.epoch}",
-        )
-        part = res.per_sample.copy()
-        part["_row"] = indices
-        part["flag"] = np.asarray(res.flags, dtype=np.int64)
-        gathered = eng.all_gather_object((part, float(res.loss_sum), int(res.loss_batches)))
-        per_sample = pd.concat([g[0] for g in gathered]).sort_values("_row").reset_index(drop=True)
+        batch_size = cfg.eval_batch_size or cfg.batch_size
+        indices = shard_indices(n, batch_size, eng.rank, eng.world_size)
+        model = eng.unwrapped()  # every rank calls it: under ZeRO-3 it gathers the weights
+        if indices:
+            res = self.evaluator(
+                model, self.tokenizer, self.gpt2, self.dataset.unlearn,
+                scorer=self.scorer, batch_size=batch_size,
+                target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
+                indices=indices, progress=eng.is_main, desc=f"validation {epoch}",
+            )
+            part = res.per_sample.copy()
+            part["_row"] = indices
+            part["flag"] = np.asarray(res.flags, dtype=np.int64)
+            mine = (part, float(res.loss_sum), int(res.loss_batches))
+        else:  # more ranks than validation batches: this rank only joins the gather
+            mine = (None, 0.0, 0)
+        del model
+        gathered = eng.all_gather_object(mine)
+        parts = [g[0] for g in gathered if g[0] is not None]
+        per_sample = pd.concat(parts).sort_values("_row").reset_index(drop=True)
         loss_sum = sum(g[1] for g in gathered)
         loss_batches = sum(g[2] for g in gathered)
         flags = per_sample["flag"].to_numpy(np.int64)
@@ -269,10 +286,18 @@ class ICULoop:
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not eng.is_main, dynamic_ncols=True)
         for batch in bar:
             keep = flags[batch["index"]] == 1
-            local_work = bool(keep.any())
-            if not eng.any_rank(local_work):
+            n_local = int(keep.sum())
+            local_work = n_local > 0
+            # The flagged samples of this step on all ranks together (one all-reduce).
+            n_global = int(round(eng.all_reduce_sum(n_local)))
+            if n_global == 0:
                 skipped += 1  # every sample of this batch (on every rank) is already forgotten
                 continue
+            # This rank's share of the step. DeepSpeed averages gradients over ranks, so
+            # scaling each rank's mean loss by W * share makes the update the gradient of the
+            # mean over all flagged samples of the step, as one device with batch W x B would
+            # take, also when flags leave the ranks with different numbers of samples.
+            share = n_local / n_global
             if not local_work:
                 # Another rank has work: join its gradient all-reduce with a zero-weight loss on
                 # one sample, so the collectives stay matched.
@@ -291,6 +316,8 @@ class ICULoop:
             loss = icu_loss(l_unlearn, l_learn, l_kl, cfg.uw, cfg.lw, cfg.kl)
             if not local_work:
                 loss = loss * 0.0
+            elif eng.world_size > 1:
+                loss = loss * (share * eng.world_size)
             if eng.any_rank(not bool(torch.isfinite(loss).item())):
                 raise NonFiniteLoss(
                     f"the loss became non-finite at epoch {epoch}, step {steps + 1} "
@@ -299,11 +326,15 @@ class ICULoop:
             eng.backward(loss)
             eng.step()
             steps += 1
-            sums["unlearn"] += l_unlearn.item()
-            sums["learn"] += l_learn.item()
-            sums["kl"] += l_kl.item()
+            # Weighted by the share, the sums over ranks are the step's means over all its
+            # flagged samples (share is 1 on one device, 0 for a rank's placeholder sample).
+            sums["unlearn"] += share * l_unlearn.item()
+            sums["learn"] += share * l_learn.item()
+            sums["kl"] += share * l_kl.item()
             bar.set_postfix(unlearn=f"{l_unlearn.item():.3f}", learn=f"{l_learn.item():.3f}", kl=f"{l_kl.item():.3f}")
         bar.close()
+        if eng.world_size > 1:
+            sums = {k: eng.all_reduce_sum(v) for k, v in sums.items()}
         stats = {f"loss_{k}": (v / steps if steps else float("nan")) for k, v in sums.items()}
         stats.update({"steps": steps, "skipped_batches": skipped, "seconds_train": round(time.time() - t0, 2)})
         return stats
@@ -362,14 +393,15 @@ class ICULoop:
             last = self.state.history[-1]
             reason = stop_reason(last["acc"], {k: last[k] for k in cfg.el_keys}, last["flagged"], cfg.acc, cfg.el)
         else:
-            v = self.validate()
+            v = self.validate(0)
             last = self.record(v, 0, {})
             reason = stop_reason(v.ma, v.el, int(v.flags.sum()), cfg.acc, cfg.el)
             self.save_checkpoint()
         while reason is None:
             if self.state.epoch >= cfg.max_epochs:
                 reason = f"reached --max_epochs {cfg.max_epochs} before the stop rule held"
-                logger.warning("stopping: %s", reason)
+                if self.engine.is_main:
+                    logger.warning("stopping: %s", reason)
                 break
             epoch = self.state.epoch + 1
             stats = self.train_epoch(epoch)
@@ -378,7 +410,7 @@ class ICULoop:
                 epoch, stats["steps"], stats["skipped_batches"], stats["loss_unlearn"],
                 stats["loss_learn"], stats["loss_kl"], stats["seconds_train"],
             )
-            v = self.validate()
+            v = self.validate(epoch)
             last = self.record(v, epoch, stats)
             reason = stop_reason(v.ma, v.el, int(v.flags.sum()), cfg.acc, cfg.el)
             self.save_checkpoint()

@@ -273,7 +273,9 @@ def resolve_bertscore_model(name: str) -> tuple[str, Optional[int]]:
     """
     if name == BUILTIN_MINILM or name.lower() in _MINILM_ALIASES:
         return resolve_embedder(name), 6
-    if os.path.isdir(name) or hub_reachable() or _cached_on_disk(name):
+    if os.path.isdir(name):
+        return name, _local_bert_layers(name)
+    if hub_reachable() or _cached_on_disk(name):
         return name, None
     _warn_once(
         f"bert:{name}",
@@ -282,3 +284,20 @@ def resolve_bertscore_model(name: str) -> tuple[str, Optional[int]]:
         "of the paper's model to reproduce its flags exactly",
     )
     return builtin_minilm_path(), 6
+
+
+def _local_bert_layers(path: str) -> Optional[int]:
+    """Layer for bert-score from a local folder: bert-score's own choice when the folder is named
+    like a model it knows (a local copy of bert-base-uncased keeps layer 9), else the last layer."""
+    try:
+        from bert_score.utils import model2layers
+    except ImportError:  # pragma: no cover - bert-score is in requirements.txt
+        model2layers = {}
+    base = os.path.basename(path.rstrip("/"))
+    if base in model2layers:
+        return model2layers[base]
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            return int(json.load(fh)["num_hidden_layers"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -141,13 +141,21 @@ def run_training(
     device: torch.device,
     rank: int = 0,
     engine_name: str = "torch",
+    extra_info: Optional[dict] = None,
 ) -> dict:
-    """Set up everything from ``args`` and run the ICU loop on the engine ``make_engine`` builds."""
+    """Set up everything from ``args`` and run the ICU loop on the engine ``make_engine`` builds.
+
+    ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
+    """
     from .metrics import get_bertscorer
 
     el_ns = check_args(args)
     is_main = rank == 0
     prepare_dir(args, is_main)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank checks --dir before rank 0 writes into it; otherwise a slower rank would
+        # find rank 0's fresh run.json and refuse the directory as "already holds a run".
+        torch.distributed.barrier()
     os.makedirs(args.dir, exist_ok=True)
     setup_logging(os.path.join(args.dir, "res.log"), rank)
     logger.info("ICU %s run in %s: %s", engine_name, args.dir, " ".join(sys.argv[1:]))
@@ -189,6 +197,7 @@ def run_training(
         "seed": args.seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_samples": len(dataset),
+        **(extra_info or {}),
     }
     if is_main:
         write_json(os.path.join(args.dir, "run.json"), {**run_info, "stop_reason": None, "status": "running"})

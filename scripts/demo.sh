@@ -22,7 +22,7 @@ python eval.py --exp exp0 --data_dir "$TOY/exp" --model_name "$TOY/model" "${OFF
 echo "== 4/5 ICU"
 python train_neo_meanwhile_update.py --exp exp0 --data_dir "$TOY/exp" --model_name "$TOY/model" \
     "${OFFLINE[@]}" --device cpu --batch_size 8 --eval_batch_size 16 \
-    --lr "${ICU_DEMO_LR:-1e-4}" --max_epochs 20 --dir "$OUT/train" --overwrite
+    --lr "${ICU_DEMO_LR:-3e-4}" --lw 1.0 --kl 3.0 --max_epochs 15 --dir "$OUT/train" --overwrite
 
 MODEL=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_dir'])" "$OUT/train/run.json")
 echo "== 5/5 eval of the unlearned model ($MODEL)"

@@ -1,0 +1,103 @@
+"""Forget-set evaluation of one model (ICU_SPEC.md, "eval.py"): generation check (BLEU,
+BERTScore, diversity, entropy), loss, MA and EL_n on a split's unlearn set.
+
+    python eval.py --exp exp0 --model_name EleutherAI/gpt-neo-125m --dir result/eval_exp0
+    python eval.py --exp exp0 --data_dir datasets/toy/exp --model_name datasets/toy/model \\
+        --gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2 --device cpu --dir result/toy
+
+Writes ``{dir}/unlearn.csv`` (one row per target: id, prefix, reference, candidate, bleu, P, R,
+F1, diff, entropy), ``{dir}/eval.csv`` (one row: their means, val_loss, ma, el_{n}) and appends
+to ``{dir}/eval.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, resolve_device, setup_logging
+from icu.errors import IcuError, exit_on_user_error
+
+EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
+
+
+def parse_el_n(text: str) -> tuple[int, ...]:
+    """``"10"`` or ``"5,10"`` -> (5, 10); IcuError on anything else."""
+    try:
+        ns = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise IcuError(f"--el_n {text!r}: expected comma-separated positive integers, e.g. 10 or 5,10") from None
+    if not ns or min(ns) < 1:
+        raise IcuError(f"--el_n {text!r}: expected comma-separated positive integers, e.g. 10 or 5,10")
+    return ns
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Forget-set evaluation of one model (ICU).")
+    add_data_args(p)
+    add_model_args(p)
+    add_runtime_args(p)
+    p.add_argument("--el_n", default="10", help="extraction-likelihood n-gram sizes, comma-separated")
+    p.add_argument("--gen_batch_size", type=int, default=None,
+                   help="prompts per beam search (default 4 x --batch_size)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
+    if args.gen_batch_size is not None:
+        check_positive(args, "gen_batch_size")
+    args.el_ns = parse_el_n(args.el_n)
+    return args
+
+
+@exit_on_user_error
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    import pandas as pd
+
+    from icu.data import atomic_write_text, check_vocab, encode_rows
+    from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set, load_forget_set, unwrap_model, vocab_size
+    from icu.metrics import check_lengths, get_bertscorer
+    from icu.models import load_model, load_tokenizer
+
+    # Everything that can be checked without the model is checked before loading it.
+    check_lengths(args.prefix_length, args.target_length, args.el_ns)
+    if args.suffix_length != args.prefix_length:
+        raise IcuError(
+            f"--suffix_length {args.suffix_length} differs from --prefix_length {args.prefix_length}; "
+            "the forget-set loss compares the two token by token, so they must be equal"
+        )
+    device = resolve_device(args.device)
+    log = setup_logging(os.path.join(args.dir, "eval.log"))
+    log.info("eval.py %s", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "el_ns"))
+    rows, doc_ids = load_forget_set(args.data_dir, args.exp)
+    if args.num_workers:
+        log.info("--num_workers %d: accepted for compatibility; the set is encoded up front", args.num_workers)
+    gpt2 = load_tokenizer(args.gpt2_name)
+    tok = load_tokenizer(args.tokenizer_name or args.model_name)
+    data = encode_rows(rows, doc_ids, gpt2, tok, args.prefix_length, args.suffix_length)
+    model = load_model(args.model_name, dtype=args.dtype, device=device)
+    check_vocab(
+        data.input_ids.numpy(), vocab_size(unwrap_model(model)),
+        f"split {args.exp} encoded by {args.tokenizer_name or args.model_name}",
+    )
+    scorer = get_bertscorer(args.bert_name, device)
+    log.info("%s: %d targets, model %s on %s (%s)", args.exp, len(data), args.model_name, device, args.dtype)
+
+    res = evaluate_forget_set(
+        model, tok, gpt2, data, scorer=scorer, batch_size=args.batch_size,
+        target_length=args.target_length, el_ns=args.el_ns, progress=not args.no_progress,
+        desc=f"eval {args.exp}", gen_batch_size=args.gen_batch_size,
+    )
+    per_sample = res.per_sample.sort_values("id", kind="stable")
+    summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
+    summary.update(val_loss=res.val_loss, ma=res.ma, **{f"el_{n}": v for n, v in res.el.items()})
+    # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.
+    atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[list(GEN_COLUMNS)].to_csv(index=False))
+    atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
+    log.info("eval %s: %s", args.exp, "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    log.info("wrote %s and %s", os.path.join(args.dir, "unlearn.csv"), os.path.join(args.dir, "eval.csv"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The downstream suite valid.py runs: 15 tasks that show what general ability a model kept.
+
+Modules, leaves first: ``text`` (prompt pieces, normalisation, token F1), ``tasks`` (the
+registry: hub defaults, schemas, row -> example), ``sources`` (local files and the hub),
+``scoring`` (batched and one-at-a-time scoring), ``suite`` (task metrics and the result CSV).
+"""
+
+from .scoring import BatchedScorer, PerplexityResult, SequentialScorer, TokenScore, model_window
+from .sources import (
+    LocalSource,
+    TaskData,
+    load_task,
+    load_tasks,
+    parse_assignments,
+    parse_hub_spec,
+    parse_task_list,
+    resolve_sources,
+)
+from .suite import TaskResult, evaluate_task, result_columns, results_csv, run_suite
+from .tasks import EXTRA_COLUMNS, TASK_NAMES, TASKS, HubSource
+
+__all__ = [
+    "BatchedScorer", "SequentialScorer", "TokenScore", "PerplexityResult", "model_window",
+    "LocalSource", "HubSource", "TaskData", "load_task", "load_tasks", "parse_assignments",
+    "parse_hub_spec", "parse_task_list", "resolve_sources", "TaskResult", "evaluate_task",
+    "result_columns", "results_csv", "run_suite", "EXTRA_COLUMNS", "TASK_NAMES", "TASKS",
+]
