@@ -18,8 +18,8 @@ Why it is fast, and why the numbers stay the reference's:
   log-sum-exp, so batch x T x vocabulary logits are never stored; MA, the first EL tokens and the
   loss come from one pass.
 * Generation check: a lean beam search (:func:`lean_beam_search`) that follows generate's
-  algorithm step for step but scores the vocabulary tile by tile; generate itself is used for
-  models with logits processors or another output layer.
+  algorithm step for step but scores the vocabulary tile by tile; generate itself is used in
+  bf16/fp16 and for models with logits processors or another output layer.
 * BERTScore's model is loaded once per process (:func:`icu.metrics.get_bertscorer`).
 
 Greedy tokens follow generate's conventions: ``torch.argmax`` (the first maximum on ties) of
@@ -743,8 +743,12 @@ _UNSUPPORTED_GENERATION = {
 
 
 def _lean_beam_ok(model: torch.nn.Module) -> bool:
-    """Whether :func:`lean_beam_search` reproduces generate for this model."""
-    if _body_and_head(model) is None:
+    """Whether :func:`lean_beam_search` reproduces generate for this model.
+
+    Only in fp32: with bf16/fp16 logits exact ties between candidates are common, and which of
+    two equal candidates a row-wide topk keeps is up to the kernel, so generate decides.
+    """
+    if _body_and_head(model) is None or next(model.parameters()).dtype != torch.float32:
         return False
     cfg = getattr(model, "generation_config", None)
     if cfg is None:
@@ -908,7 +912,7 @@ def generate_candidates(
     another row ran to the end.
 
     ``impl``: "hf" = ``model.generate``; "lean" = :func:`lean_beam_search`; "auto" = lean where
-    it reproduces generate's algorithm (plain output layer, no logits processors), else hf.
+    it reproduces generate's algorithm (fp32, plain output layer, no logits processors), else hf.
     """
     device = model_device(model)
     enc = tokenizer(

