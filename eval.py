@@ -6,8 +6,8 @@ BERTScore, diversity, entropy), loss, MA and EL_n on a split's unlearn set.
         --gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2 --device cpu --dir result/toy
 
 Writes ``{dir}/unlearn.csv`` (one row per target: id, prefix, reference, candidate, bleu, P, R,
-F1, diff, entropy), ``{dir}/eval.csv`` (one row: their means, val_loss, ma, el_{n}) and appends
-to ``{dir}/eval.log``.
+F1, diff, entropy, then the per-sample ma, el_{n}, loss), ``{dir}/eval.csv`` (one row: the means
+of bleu..entropy, val_loss, ma, el_{n}) and appends to ``{dir}/eval.log``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
     summary.update(val_loss=res.val_loss, ma=res.ma, **{f"el_{n}": v for n, v in res.el.items()})
     # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.
-    atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[list(GEN_COLUMNS)].to_csv(index=False))
+    # The reference's columns first (evaluation/convert.py reads them by name), then ours.
+    columns = list(GEN_COLUMNS) + ["ma"] + [f"el_{n}" for n in args.el_ns] + ["loss"]
+    atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[columns].to_csv(index=False))
     atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
     log.info("eval %s: %s", args.exp, "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     log.info("wrote %s and %s", os.path.join(args.dir, "unlearn.csv"), os.path.join(args.dir, "eval.csv"))

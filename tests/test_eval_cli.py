@@ -14,6 +14,7 @@ from icu.data import save_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
+# the reference's columns, by name and in order (evaluation/convert.py reads them), then ours
 UNLEARN_COLUMNS = ["id", "prefix", "reference", "candidate", "bleu", "P", "R", "F1", "diff", "entropy"]
 
 
@@ -48,7 +49,7 @@ def test_eval_cli_writes_outputs(splits, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     unlearn = pd.read_csv(out / "unlearn.csv")
-    assert list(unlearn.columns) == UNLEARN_COLUMNS
+    assert list(unlearn.columns) == UNLEARN_COLUMNS + ["ma", "el_10", "loss"]
     assert unlearn["id"].tolist() == sorted(splits["ids"][:4].tolist())
     assert unlearn["candidate"].map(len).min() > 0
     summary = pd.read_csv(out / "eval.csv")
@@ -70,6 +71,7 @@ def test_eval_all_is_the_union_of_splits(splits, tmp_path, capsys):
     assert unlearn["id"].tolist() == sorted(splits["ids"].tolist())  # 6 distinct targets
     summary = pd.read_csv(out / "eval.csv")
     assert {"el_5", "el_10"} <= set(summary.columns)
+    assert list(unlearn.columns)[-4:] == ["ma", "el_5", "el_10", "loss"]
 
 
 @pytest.mark.parametrize(
