@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole ICU pipeline on the offline toy world, CPU only (about 10 minutes on 2 cores):
+# The whole ICU pipeline on the offline toy world, CPU only (10-15 minutes on 2 idle cores,
+# plus ~2-3 minutes the first time to build the toy world):
 # toy world -> data_prep -> eval of the original -> ICU -> eval of the unlearned -> table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
