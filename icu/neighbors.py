@@ -28,15 +28,45 @@ def embed_texts(
     return np.asarray(emb, dtype=np.float32)
 
 
-def nearest_neighbors(queries: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
+# Distances closer than this count as a tie. The corpus holds exact duplicate documents (e.g. the
+# same VPN config several times); their embeddings differ only by float noise (~1e-7, and it
+# changes with batch size and device), so without a tolerance the order among duplicates, and
+# hence which row becomes the learn row, would depend on --batch_size. 1e-5 is far above that
+# noise and far below the gaps between distinct texts' distances near the top of a ranking.
+TIE_TOLERANCE = 1e-5
+
+
+def nearest_neighbors(
+    queries: np.ndarray, pool: np.ndarray, k: int, tie_tolerance: float = TIE_TOLERANCE
+) -> np.ndarray:
     """(len(queries), k) indices into ``pool`` of the exact L2 nearest neighbours, closest first.
 
+    Ties (runs of sorted distances whose neighbouring gaps are below ``tie_tolerance``) are
+    ordered by ascending pool index, so the result does not depend on float noise.
     """
     if k > len(pool):
         raise ValueError(f"k={k} is larger than the candidate pool ({len(pool)} rows)")
-    from sklearn.neighbors import NearestNeighbors
+    from sklearn.metrics.pairwise import euclidean_distances
 
-    # Brute force = exact search, the same answer as the reference's flat L2 index.
-    index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(pool)
-    _, idx = index.kneighbors(queries, return_distance=True)
-    return idx.astype(np.int64)
+    pool64 = np.asarray(pool, dtype=np.float64)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    chunk = 256  # bounds the distance matrix to 256 x len(pool) float64
+    for s in range(0, len(queries), chunk):
+        # Exact search over every candidate (the reference's flat L2 index), in float64.
+        d = euclidean_distances(np.asarray(queries[s:s + chunk], dtype=np.float64), pool64)
+        order = np.argsort(d, axis=1, kind="stable")
+        for r in range(len(d)):
+            out[s + r] = _tie_ordered_head(d[r], order[r], k, tie_tolerance)
+    return out
+
+
+def _tie_ordered_head(dist: np.ndarray, order: np.ndarray, k: int, tol: float) -> np.ndarray:
+    """The first k of ``order`` after re-sorting each run of tied distances by index."""
+    sd = dist[order]
+    end = k
+    # Extend the head until the tie group holding position k-1 is complete.
+    while end < len(order) and sd[end] - sd[end - 1] < tol:
+        end += 1
+    head, hd = order[:end], sd[:end]
+    group = np.concatenate([[0], np.cumsum(np.diff(hd) >= tol)])
+    return head[np.lexsort((head, group))][:k]

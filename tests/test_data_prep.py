@@ -120,3 +120,26 @@ def test_cli_errors_exit_2_and_write_nothing(corpus, tmp_path):
     assert not (exp / "exp0" / "unlearn").exists()
     r = _cli("--train_file", str(root / "train.npy"), "--exp_dir", str(exp), "--k", "0")
     assert r.returncode == 2 and "--k" in r.stderr
+
+
+def test_neighbours_break_ties_by_index_whatever_the_float_noise():
+    """Duplicate documents embed to the same vector up to ~1e-7 noise that depends on batching;
+    the neighbour order among them must not."""
+    from icu.neighbors import nearest_neighbors
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(30, 16))
+    pool = base.copy()
+    pool[[4, 11, 23]] = base[2]          # three duplicates of row 2 (a query below)
+    pool[[8, 17]] = base[5] + 0.3        # two duplicates at a non-zero distance from query 5
+    pool[5] = base[5] + 0.3
+    queries = np.stack([base[2], base[5]])
+    expected = None
+    for seed in range(6):
+        noisy = pool + np.random.default_rng(seed).normal(scale=1e-7, size=pool.shape)
+        got = nearest_neighbors(queries, noisy, 4)
+        assert got[0, :4].tolist() == [2, 4, 11, 23]
+        assert got[1, :3].tolist() == [5, 8, 17]
+        if expected is None:
+            expected = got
+        assert np.array_equal(got, expected)

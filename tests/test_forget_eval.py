@@ -155,8 +155,9 @@ def test_el_counts_every_n_gram_position_of_the_continuation():
 # --------------------------------------------------------------------------- output layer
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_head_equals_full_argmax_and_cross_entropy(dtype):
+def test_tiled_head_equals_full_argmax_and_cross_entropy(dtype, vocab_major):
     from icu.forget_eval import head_argmax
 
     torch.manual_seed(0)
@@ -175,11 +176,57 @@ def test_tiled_head_equals_full_argmax_and_cross_entropy(dtype):
         ce = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
         assert (want == 3).any() and torch.equal(logits[:, 3], logits[:, 700])  # live ties
         for tiles in (None, (37, 1000), (5, 64), (16, 999), (1, 1)):
-            preds, loss = head_argmax(hidden, head, labels, tiles=tiles)
+            preds, loss = head_argmax(hidden, head, labels, tiles=tiles, vocab_major=vocab_major)
             assert torch.equal(preds, want), tiles
             valid = labels != -100
             torch.testing.assert_close(loss[valid], ce[valid], rtol=1e-5, atol=1e-5)
             assert torch.isnan(loss[5])
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_tiled_head_argmax_points_at_nan_like_torch_argmax(vocab_major):
+    """A NaN logit wins torch.argmax; the tiled head (which skips rows whose maximum a tile does
+    not raise) must agree."""
+    from icu.forget_eval import head_argmax
+
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 300, bias=False)
+    with torch.no_grad():
+        head.weight[250, 0] = float("nan")  # logit 250 is NaN wherever hidden[:, 0] != 0
+    hidden = torch.randn(6, 8)
+    hidden[2, 0] = 0.0  # ... 0 * NaN is NaN too
+    hidden[4] = float("nan")  # every logit NaN: argmax is 0
+    with torch.no_grad():
+        want = head(hidden).argmax(-1)
+        assert want[4] == 0 and want[0] == 250
+        for tiles in (None, (6, 300), (2, 64), (1, 7)):
+            preds, _ = head_argmax(hidden, head, tiles=tiles, vocab_major=vocab_major)
+            assert torch.equal(preds, want), tiles
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_top_candidates_equal_full_topk_and_logsumexp(vocab_major):
+    from icu.forget_eval import _top_candidates
+
+    torch.manual_seed(1)
+    V = 9000  # more than one 4096-wide tile
+    head = torch.nn.Linear(16, V, bias=True)
+    with torch.no_grad():
+        head.weight[8500] = head.weight[10] * 3  # strong candidates in the last tile ...
+        head.bias[8500] = 4.0
+        head.weight[12] = head.weight[8500]  # ... tied with one in the first tile
+        head.bias[12] = 4.0
+    hidden = torch.randn(23, 16)
+    with torch.no_grad():
+        logits = head(hidden)
+        want_v, _ = logits.topk(4, dim=-1)
+        top_v, top_i, lse = _top_candidates(hidden, head, 4, vocab_major=vocab_major)
+    torch.testing.assert_close(top_v, want_v, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits.gather(1, top_i), top_v, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-5)
+    # an exact tie across tiles keeps both ids (which comes first is up to topk, as in generate)
+    both = (top_i == 12).any(1) & (top_i == 8500).any(1)
+    assert both.any() and torch.equal(logits[:, 12], logits[:, 8500])
 
 
 # --------------------------------------------------------------------------- beam search
