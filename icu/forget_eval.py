@@ -205,12 +205,25 @@ def _vocab_major(hidden: torch.Tensor) -> bool:
     return hidden.device.type == "cpu" and hidden.dtype == torch.float32 and hidden.shape[0] <= 16
 
 
-def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], vocab_major: bool) -> torch.Tensor:
-    """(rows, vocabulary slice) logits h @ w.T + b, row-major either way."""
+def _logits_tile(h: torch.Tensor, head: torch.nn.Linear, v0: int, vb: int, vocab_major: bool) -> torch.Tensor:
+    """(rows, vb) logits of ``head`` for token ids v0..v0+vb-1, row-major either way."""
+    w = head.weight[v0 : v0 + vb]
+    b = None if head.bias is None else head.bias[v0 : v0 + vb]
     if vocab_major:
         t = torch.mm(w, h.t()) if b is None else torch.addmm(b[:, None], w, h.t())
         return t.t().contiguous()
     return torch.nn.functional.linear(h, w, b)
+
+
+def _add_to_logsumexp(
+    run_max: torch.Tensor, run_sum: torch.Tensor, logits: torch.Tensor, tile_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a float32 tile (rows, vb) with row maxima ``tile_max`` into the running log-sum-exp
+    (max, sum of exp(x - max)). Overwrites ``logits``: a second tile-sized buffer would cost more
+    than the exp itself."""
+    new_max = torch.maximum(run_max, tile_max)
+    run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(-1)
+    return new_max, run_sum
 
 
 def head_argmax(
@@ -229,8 +242,7 @@ def head_argmax(
     takes its first maximum, and a later tile must be strictly larger to win.
     """
     N = hidden.shape[0]
-    W, b = head.weight, head.bias
-    V = W.shape[0]
+    V = head.weight.shape[0]
     dev = hidden.device
     vm = _vocab_major(hidden) if vocab_major is None else bool(vocab_major)
     if dev.type == "cuda":  # memory is the only reason to tile on a GPU
@@ -255,8 +267,7 @@ def head_argmax(
             run_sum = torch.zeros(R, dtype=torch.float32, device=dev)
             picked = torch.full((R,), float("nan"), dtype=torch.float32, device=dev)
         for v0 in range(0, V, vb):
-            w = W[v0 : v0 + vb]
-            logits = _logits_tile(h, w, None if b is None else b[v0 : v0 + vb], vm)
+            logits = _logits_tile(h, head, v0, vb, vm)
             # amax is vectorised and ~20x cheaper than argmax on a CPU: take the argmax only
             # of rows whose maximum this tile raises (after the first tiles, few of them).
             val = logits.amax(-1).float()  # NaN if the row has one (argmax then points at it)
@@ -270,19 +281,15 @@ def head_argmax(
             best = torch.where(better, val, best)
             if labels is not None:
                 lf = logits.float()
-                inside = (lab >= v0) & (lab < v0 + w.shape[0])
+                inside = (lab >= v0) & (lab < v0 + logits.shape[1])
                 if bool(inside.any()):
                     rows = inside.nonzero().squeeze(1)
                     picked[rows] = lf[rows, lab[rows] - v0]
-                new_max = torch.maximum(run_max, val)
-                # in place: the tile is not needed any more, and a second tile-sized buffer
-                # would cost more than the exp itself
-                run_sum = run_sum * torch.exp(run_max - new_max) + lf.sub_(new_max[:, None]).exp_().sum(-1)
-                run_max = new_max
+                run_max, run_sum = _add_to_logsumexp(run_max, run_sum, lf, val)
             del logits
         if bool(nan.any()):  # torch.argmax returns a NaN's index: let it decide those rows
             rows = nan.nonzero().squeeze(1)
-            arg[rows] = torch.nn.functional.linear(h[rows], W, b).argmax(-1)
+            arg[rows] = head(h[rows]).argmax(-1)
         preds[r0 : r0 + rb] = arg
         if labels is not None:
             loss[r0 : r0 + rb] = run_max + torch.log(run_sum) - picked
@@ -788,8 +795,7 @@ def _top_candidates(
     """Per row of ``head(hidden)``: the k largest logits (R, k) descending, their ids, and the
     log-sum-exp (R,), tile by tile without building (R, V). ``vocab_major``: the logits'
     layout (default: see :func:`_vocab_major`)."""
-    W, b = head.weight, head.bias
-    V = W.shape[0]
+    V = head.weight.shape[0]
     R = hidden.shape[0]
     vm = _vocab_major(hidden) if vocab_major is None else bool(vocab_major)
     vb = V if hidden.device.type == "cuda" or R * V <= 1 << 21 else 4096
@@ -798,22 +804,19 @@ def _top_candidates(
     run_max = torch.full((R,), float("-inf"), dtype=torch.float32, device=hidden.device)
     run_sum = torch.zeros(R, dtype=torch.float32, device=hidden.device)
     for v0 in range(0, V, vb):
-        w = W[v0 : v0 + vb]
-        logits = _logits_tile(hidden, w, None if b is None else b[v0 : v0 + vb], vm).float()
+        logits = _logits_tile(hidden, head, v0, vb, vm).float()
         tile_max = logits.amax(-1)  # vectorised, unlike max(dim) which also finds indices
         # A tile can only change the top k where it beats the current k-th value; after the
         # first tiles that is rare, and topk costs several times a max.
         rows = (tile_max > top_v[:, -1]).nonzero().squeeze(1)
         if rows.numel():
-            tv, ti = logits[rows].topk(min(k, w.shape[0]), dim=-1)
+            tv, ti = logits[rows].topk(min(k, logits.shape[1]), dim=-1)
             # earlier tiles first: on equal values the lower token id stays, as in a row-wide topk
             cat_v = torch.cat([top_v[rows], tv], 1)
             cat_i = torch.cat([top_i[rows], ti + v0], 1)
             order = torch.sort(cat_v, dim=1, descending=True, stable=True).indices[:, :k]
             top_v[rows], top_i[rows] = cat_v.gather(1, order), cat_i.gather(1, order)
-        new_max = torch.maximum(run_max, tile_max)
-        run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(-1)
-        run_max = new_max
+        run_max, run_sum = _add_to_logsumexp(run_max, run_sum, logits, tile_max)
         del logits
     return top_v, top_i, run_max + torch.log(run_sum)
 
