@@ -3,7 +3,7 @@
 For each split: the unlearn set is the split's rows of train_dataset.npy (ascending row order);
 the learn set pairs every target with its nearest non-target row by the sentence embedding of
 the row's last 100 tokens (all-MiniLM-L6-v2, exact L2). The candidate pool is embedded once and
-reused for every split. See ICU_SPEC.md, "data_prep".
+reused for every split. See docs/method.md#forget-unlearn-and-retain-learn-sets.
 
     python data_prep.py                                      # exp0..exp4 + all, paper layout
     python data_prep.py --train_file datasets/toy/train_dataset.npy --exp_dir datasets/toy/exp --exps exp0

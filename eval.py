@@ -1,4 +1,4 @@
-"""Forget-set evaluation of one model (ICU_SPEC.md, "eval.py"): generation check (BLEU,
+"""Forget-set evaluation of one model (docs/method.md#validation): generation check (BLEU,
 BERTScore, diversity, entropy), loss, MA and EL_n on a split's unlearn set.
 
     python eval.py --exp exp0 --model_name EleutherAI/gpt-neo-125m --dir result/eval_exp0

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="all",
                    help="comma-separated subset of: " + ",".join(TASKS))
     p.add_argument("--data_dir", default=None,
-                   help="folder of local task files laid out like shared/data/validation "
+                   help="folder of local task files laid out like datasets/validation "
                         "(lambada.csv, piqa/dev.jsonl, copa/val.jsonl, pile.csv, ...)")
     p.add_argument("--task_file", action="append", default=[], metavar="TASK=PATH",
                    help="a local file for one task (csv, json, jsonl, parquet); repeatable")

@@ -1,6 +1,6 @@
 """The lm-extraction arrays, split CSVs, the forget/retain sets on disk, and the paired dataset.
 
-Layout (see ICU_SPEC.md, "Data"): a row of ``train_dataset.npy`` is 200 GPT-2 ids; columns
+Layout (see docs/method.md#data): a row of ``train_dataset.npy`` is 200 GPT-2 ids; columns
 0:100 are the preprefix, 100:150 the prefix, 150:200 the suffix. ``data_prep.py`` writes, per
 split, ``{root}/{exp}/unlearn/`` and ``{root}/{exp}/learn/`` holding ``_dataset.npy`` (uint16, the
 full rows), ``_preprefix.npy``, ``_prefix.npy``, ``_suffix.npy`` and ``_doc_ids.npy`` (int64, the

@@ -1,5 +1,5 @@
-"""One validation pass over the forget set: generation check, loss, MA and EL_n (ICU_SPEC.md,
-"Validation" items 1-4). The trainers and eval.py call :func:`evaluate_forget_set`.
+"""One validation pass over the forget set: generation check, loss, MA and EL_n (docs/method.md,
+"Validation", "MA", "EL_n"). The trainers and eval.py call :func:`evaluate_forget_set`.
 
 Why it is fast, and why the numbers stay the reference's:
 
@@ -1067,7 +1067,7 @@ def evaluate_forget_set(
     decode_rows: Optional[int] = None,
     beam_impl: str = "auto",
 ) -> ForgetEvalResult:
-    """The validation pass of ICU_SPEC.md ("Validation" 1-4) on ``data`` (or its ``indices``).
+    """The validation pass of docs/method.md#validation on ``data`` (or its ``indices``).
 
     ``scorer``: an object with ``score(cands, refs) -> (P, R, F1)``, e.g.
     :func:`icu.metrics.get_bertscorer`; needed when ``generation`` is True. Without the

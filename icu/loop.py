@@ -1,4 +1,4 @@
-"""The iterative ICU loop, engine-agnostic (ICU_SPEC.md, "Loss", "Validation", stop rule).
+"""The iterative ICU loop, engine-agnostic (docs/method.md: #loss, #validation, #stop-rule).
 
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
         MA < acc and some EL_n < el, or no sample is flagged, or --max_epochs.

@@ -1,4 +1,4 @@
-"""The three ICU loss terms and their combination (ICU_SPEC.md, "Loss").
+"""The three ICU loss terms and their combination (docs/method.md#loss).
 
     loss = -uw * L_unlearn + lw * L_learn + kl * L_kl
 

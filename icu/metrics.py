@@ -1,4 +1,4 @@
-"""Forget-set metrics as pure functions over tensors and strings (ICU_SPEC.md, "Validation").
+"""Forget-set metrics as pure functions over tensors and strings (docs/method.md#validation).
 
 The model-driven parts (the teacher-forced pass, greedy continuations, beam search) live in
 :mod:`icu.forget_eval`; this module only turns their outputs into numbers, so a number means the
