@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluation import api, convert  # noqa: E402
+from evaluation import apikey, convert, estimate, judge  # noqa: E402
 from evaluation.prompt import SYSTEM_PROMPT, build_messages, parse_score  # noqa: E402
 from fake_openai_server import FakeOpenAIServer, Reply, error_reply  # noqa: E402
 
@@ -366,8 +366,8 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
     os.environ["ICU_TEST_KEY"] = SECRET
     try:
         with FakeOpenAIServer(responder) as srv:
-            cfg = api.JudgeConfig(base_url=srv.base_url, api_key_env="ICU_TEST_KEY", concurrency=3)
-            report = api.judge(results, tmp_path / "c.jsonl", cfg, progress=False)
+            cfg = judge.JudgeConfig(base_url=srv.base_url, api_key_env="ICU_TEST_KEY", concurrency=3)
+            report = judge.judge(results, tmp_path / "c.jsonl", cfg, progress=False)
             assert srv.max_inflight == 3
     finally:
         del os.environ["ICU_TEST_KEY"]
@@ -509,6 +509,7 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_evaluation_stands_apart_from_torch_and_icu() -> None:
-    code = ("import sys, evaluation.api, evaluation.convert, evaluation.prompt; "
+    code = ("import sys, evaluation.api, evaluation.convert, evaluation.prompt, evaluation.judge, "
+            "evaluation.cache, evaluation.summary, evaluation.estimate, evaluation.files; "
             "bad = [m for m in ('torch', 'icu') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
