@@ -75,6 +75,11 @@ def tag_of(body: dict[str, Any]) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+def fail_one(tag: tuple[str, int], error: Reply, content: str) -> Any:
+    """A responder that answers ``error`` for the pair ``tag`` and ``content`` for every other."""
+    return lambda body: error if tag_of(body) == tag else Reply(content=content)
+
+
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, script: bool = False,
             drop_key: bool = False) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
@@ -377,12 +382,7 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
 
 def test_gives_up_after_max_retries_and_keeps_answers(tmp_path: Path) -> None:
     results = make_results(tmp_path, n_targets=2)
-
-    def responder(body: dict[str, Any]) -> Reply:
-        if tag_of(body) == ("ours", 101):
-            return error_reply(503, "overloaded")
-        return Reply(content="Final score: 4")
-
+    responder = fail_one(("ours", 101), error_reply(503, "overloaded"), "Final score: 4")
     with FakeOpenAIServer(responder) as srv:
         proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--max_retries", "2",
                         "--concurrency", "1", *FAST])
@@ -496,12 +496,8 @@ def test_first_request_refused_stops_at_once_and_reasoning_flag_fixes_it(tmp_pat
 
 def test_refusal_after_the_first_answer_fails_only_that_pair(tmp_path: Path) -> None:
     results = make_results(tmp_path, n_targets=3)
-
-    def responder(body: dict[str, Any]) -> Reply:
-        if tag_of(body) == ("ours", 101):
-            return error_reply(400, "this one candidate trips a content filter")
-        return Reply(content="Final score: 5")
-
+    responder = fail_one(("ours", 101), error_reply(400, "this one candidate trips a content filter"),
+                         "Final score: 5")
     with FakeOpenAIServer(responder) as srv:
         proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--concurrency", "2", *FAST])
         n = len(srv.snapshot())
