@@ -24,11 +24,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+if __package__ in (None, ""):
+    # Run as ``python evaluation/convert.py``: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evaluation.errors import InputError  # noqa: E402  (re-exported: callers catch convert.InputError)
+from evaluation.files import check_output_file, write_text_atomic  # noqa: E402
 
 RESULTS_VERSION = 1
 DEFAULT_MARKERS: tuple[str, ...] = ("<|endoftext|>",)
@@ -37,10 +42,6 @@ REQUIRED_COLUMNS = ("id", "prefix", "reference", "candidate")
 # Generations can be long and eval.py may have stored whole documents; the stdlib default
 # field limit (128 KiB) would make such files fail with an obscure csv error.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-class InputError(Exception):
-    """A problem with the user's inputs, reported as one line and exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,18 +205,11 @@ def convert(policies: Sequence[tuple[str, str | Path]], markers: Iterable[str] =
 # results.json I/O
 # --------------------------------------------------------------------------------------------
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """Write JSON via a temp file + rename so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON via a temp file + rename so a crash never leaves a half-written file.
+
+    Raises InputError when ``path`` is a folder or cannot be written.
+    """
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n", "--out")
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -284,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     markers = tuple(args.marker) if args.marker else DEFAULT_MARKERS
     try:
+        check_output_file(args.out, "--out")  # before reading the runs: fail fast
         policies = [parse_policy(s) for s in args.policy]
         results = convert(policies, markers)
         write_json_atomic(results, args.out)

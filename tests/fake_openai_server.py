@@ -27,6 +27,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 100
     completion_tokens: int = 20
+    finish_reason: str = "stop"  # "length": the answer was cut at the token budget
     hang: threading.Event | None = None  # wait on this before answering (simulates a slow call)
     drop: bool = False  # close the connection without any answer
 
@@ -63,7 +64,7 @@ def _completion_body(reply: Reply, model: str) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.content},
-                "finish_reason": "stop",
+                "finish_reason": reply.finish_reason,
             }
         ],
         "usage": {

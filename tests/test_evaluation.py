@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluation import api, convert  # noqa: E402
+from evaluation import apikey, convert, estimate, judge  # noqa: E402
 from evaluation.prompt import SYSTEM_PROMPT, build_messages, parse_score  # noqa: E402
 from fake_openai_server import FakeOpenAIServer, Reply, error_reply  # noqa: E402
 
@@ -73,6 +73,11 @@ def tag_of(body: dict[str, Any]) -> tuple[str, int]:
     m = TAG_RE.search(body["messages"][-1]["content"])
     assert m, "request without a candidate tag"
     return m.group(1), int(m.group(2))
+
+
+def fail_one(tag: tuple[str, int], error: Reply, content: str) -> Any:
+    """A responder that answers ``error`` for the pair ``tag`` and ``content`` for every other."""
+    return lambda body: error if tag_of(body) == tag else Reply(content=content)
 
 
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, script: bool = False,
@@ -366,8 +371,8 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
     os.environ["ICU_TEST_KEY"] = SECRET
     try:
         with FakeOpenAIServer(responder) as srv:
-            cfg = api.JudgeConfig(base_url=srv.base_url, api_key_env="ICU_TEST_KEY", concurrency=3)
-            report = api.judge(results, tmp_path / "c.jsonl", cfg, progress=False)
+            cfg = judge.JudgeConfig(base_url=srv.base_url, api_key_env="ICU_TEST_KEY", concurrency=3)
+            report = judge.judge(results, tmp_path / "c.jsonl", cfg, progress=False)
             assert srv.max_inflight == 3
     finally:
         del os.environ["ICU_TEST_KEY"]
@@ -377,12 +382,7 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
 
 def test_gives_up_after_max_retries_and_keeps_answers(tmp_path: Path) -> None:
     results = make_results(tmp_path, n_targets=2)
-
-    def responder(body: dict[str, Any]) -> Reply:
-        if tag_of(body) == ("ours", 101):
-            return error_reply(503, "overloaded")
-        return Reply(content="Final score: 4")
-
+    responder = fail_one(("ours", 101), error_reply(503, "overloaded"), "Final score: 4")
     with FakeOpenAIServer(responder) as srv:
         proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--max_retries", "2",
                         "--concurrency", "1", *FAST])
@@ -460,6 +460,194 @@ def test_bad_results_file_exits_2_and_keeps_cache(tmp_path: Path, payload: str) 
 
 
 # --------------------------------------------------------------------------------------------
+# issue 14 item 13: refused first request, reasoning models, truncation, key masking, files
+# --------------------------------------------------------------------------------------------
+def test_first_request_refused_stops_at_once_and_reasoning_flag_fixes_it(tmp_path: Path) -> None:
+    results = make_results(tmp_path, n_targets=3)  # 6 pairs
+    unsupported = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                   "Use 'max_completion_tokens' instead.")
+
+    def responder(body: dict[str, Any]) -> Reply:
+        # Like OpenAI's reasoning models: max_tokens and temperature are refused with a 400.
+        if "max_tokens" in body or "temperature" in body:
+            return error_reply(400, unsupported)
+        return Reply(content="Final score: 6")
+
+    with FakeOpenAIServer(responder) as srv:
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--concurrency", "4", *FAST])
+        n_refused = len(srv.snapshot())
+        left_behind = sorted(p.name for p in tmp_path.iterdir())
+        ok = run_cli(["--results", str(results), "--base_url", srv.base_url, "--concurrency", "4",
+                      "--reasoning_model", *FAST])
+        bodies = [r.body for r in srv.snapshot()[n_refused:]]
+    assert proc.returncode == 2
+    assert n_refused == 1  # not one request per pair
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ")
+    assert unsupported in err and "HTTP 400" in err and "--reasoning_model" in err
+    assert left_behind == ["original.csv", "ours.csv", "results.json"]  # no cache, no summary
+
+    assert ok.returncode == 0, ok.stderr
+    assert len(bodies) == 6
+    assert all(b["max_completion_tokens"] == 4096 and "max_tokens" not in b and "temperature" not in b
+               for b in bodies)
+    assert len(read_jsonl(tmp_path / "judgments.jsonl")) == 6
+
+
+def test_refusal_after_the_first_answer_fails_only_that_pair(tmp_path: Path) -> None:
+    results = make_results(tmp_path, n_targets=3)
+    responder = fail_one(("ours", 101), error_reply(400, "this one candidate trips a content filter"),
+                         "Final score: 5")
+    with FakeOpenAIServer(responder) as srv:
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--concurrency", "2", *FAST])
+        n = len(srv.snapshot())
+    assert proc.returncode == 1 and n == 6
+    assert "target 101 / ours: HTTP 400" in proc.stderr
+    assert len(read_jsonl(tmp_path / "judgments.jsonl")) == 5
+
+
+def test_temperature_with_reasoning_model_is_refused(tmp_path: Path) -> None:
+    results = make_results(tmp_path, n_targets=1)
+    proc = run_cli(["--results", str(results), "--reasoning_model", "--temperature", "0.5", *FAST])
+    assert proc.returncode == 2 and "--temperature" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_cut_off_answer_is_truncated_not_unparsable(tmp_path: Path) -> None:
+    results = make_results(tmp_path, n_targets=2)
+
+    def responder(body: dict[str, Any]) -> Reply:
+        if tag_of(body) == ("ours", 100):
+            # Cut inside the score line: "Final score: 1" of what would have been a 10.
+            return Reply(content="Fluent and original.\nFinal score: 1", finish_reason="length")
+        if tag_of(body) == ("ours", 101):
+            return Reply(content="No score given here.")
+        return Reply(content="Final score: 4")
+
+    with FakeOpenAIServer(responder) as srv:
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, *FAST])
+    assert proc.returncode == 0, proc.stderr
+    recs = {(r["policy"], r["id"]): r for r in read_jsonl(tmp_path / "judgments.jsonl")}
+    cut = recs[("ours", 100)]
+    assert cut["truncated"] is True and cut["finish_reason"] == "length"
+    assert cut["score"] is None and cut["parsed"] is False
+    assert recs[("ours", 101)]["truncated"] is False
+    with (tmp_path / "judge_summary.csv").open() as fh:
+        ours = {row["policy"]: row for row in csv.DictReader(fh)}["ours"]
+    assert (ours["n_scored"], ours["n_unparsable"], ours["n_truncated"], ours["n_judged"]) == ("0", "1", "1", "2")
+    assert "cut off at the token budget" in proc.stdout and "--max_tokens" in proc.stdout
+
+
+def test_key_masking_leaves_messages_intact_for_short_keys(tmp_path: Path) -> None:
+    assert apikey.redact("abstract about ab", "ab") == "abstract about ab"
+    assert apikey.redact(f"key {SECRET}, again{SECRET}.", SECRET) == "key ***, again***."
+    results = make_results(tmp_path, n_targets=1)
+    message = "Incorrect API key provided: x. Check your account at example.org"
+    with FakeOpenAIServer(lambda b: error_reply(401, message)) as srv:
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, *FAST],
+                       env_extra={"OPENAI_API_KEY": "x"})
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_outputs_share_the_umask_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o027)  # inherited by the CLI subprocesses
+    try:
+        run = write_run(tmp_path / "a.csv", [{"id": 1, "prefix": "p", "reference": "r", "candidate": "c [a#1]"}])
+        conv = subprocess.run([sys.executable, "-m", "evaluation.convert", "--policy", f"a={run}",
+                               "--out", str(tmp_path / "results.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert conv.returncode == 0, conv.stderr
+        with FakeOpenAIServer(lambda b: Reply(content="Final score: 5")) as srv:
+            proc = run_cli(["--results", str(tmp_path / "results.json"), "--base_url", srv.base_url, *FAST])
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        os.umask(old)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777
+             for name in ("results.json", "judgments.jsonl", "judge_summary.csv")}
+    assert modes == dict.fromkeys(modes, 0o640), modes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.csv", "judge_summary.csv", "judgments.jsonl", "results.json"]  # no temp files left
+
+
+def test_no_cache_file_when_nothing_came_back(tmp_path: Path) -> None:
+    results = make_results(tmp_path, n_targets=1)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    proc = run_cli(["--results", str(results), "--base_url", url, "--max_retries", "0", *FAST])
+    assert proc.returncode == 2 and "cannot reach" in proc.stderr
+    assert not (tmp_path / "judgments.jsonl").exists()
+    with FakeOpenAIServer(lambda b: error_reply(503, "down")) as srv:
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--max_retries", "1", *FAST])
+    assert proc.returncode == 1 and "HTTP 503" in proc.stderr
+    assert not (tmp_path / "judgments.jsonl").exists()
+
+
+def test_dry_run_counts_estimates_and_sends_nothing(tmp_path: Path) -> None:
+    results_path = make_results(tmp_path, n_targets=3)  # 6 pairs
+    with FakeOpenAIServer(lambda b: Reply(content="Final score: 5", prompt_tokens=900, completion_tokens=30)) as srv:
+        first = run_cli(["--results", str(results_path), "--base_url", srv.base_url, "--limit", "1", *FAST])
+        assert first.returncode == 0, first.stderr
+        n_before = len(srv.snapshot())
+        cache_before = (tmp_path / "judgments.jsonl").read_bytes()
+        summary_before = (tmp_path / "judge_summary.csv").read_bytes()
+        proc = run_cli(["--results", str(results_path), "--base_url", srv.base_url, "--dry_run",
+                        "--price_in", "10", "--price_out", "30", *FAST], drop_key=True)  # no key needed
+        assert len(srv.snapshot()) == n_before == 2
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "judgments.jsonl").read_bytes() == cache_before
+    assert (tmp_path / "judge_summary.csv").read_bytes() == summary_before
+
+    # The same numbers, worked out by hand: 4 pairs to send, calibrated on the 2 cached ones.
+    results = convert.load_results(results_path)
+    jobs = judge.build_jobs(results, judge.JudgeConfig())
+    cached_chars = sum(estimate.prompt_chars(j) for j in jobs[:2])
+    per_char = (2 * 900 - 2 * 2 * estimate.TOKENS_PER_MESSAGE) / cached_chars
+    expected_prompt = sum(-(-estimate.prompt_chars(j) * per_char // 1) + 2 * estimate.TOKENS_PER_MESSAGE
+                          for j in jobs[2:])
+    assert abs(expected_prompt - 4 * 900) < 20  # same-length prompts cost about the same
+    likely_cost = (expected_prompt * 10 + 4 * 30 * 30) / 1e6
+    max_cost = (expected_prompt * 10 + 4 * 512 * 30) / 1e6
+    out = proc.stdout
+    assert "4 request(s) would be sent" in out and "2 pair(s) already in the cache" in out
+    assert f"estimated prompt tokens: {int(expected_prompt):,}" in out
+    assert "likely 120 " in out and "at most 2,048" in out
+    assert f"likely {likely_cost:.4f}, at most {max_cost:.4f}" in out
+    assert "nothing was sent" in out
+
+
+def test_dry_run_without_cache_or_prices(tmp_path: Path) -> None:
+    results_path = make_results(tmp_path, n_targets=2)
+    proc = run_cli(["--results", str(results_path), "--dry_run", "--max_tokens", "100", *FAST], drop_key=True)
+    assert proc.returncode == 0, proc.stderr
+    jobs = judge.build_jobs(convert.load_results(results_path), judge.JudgeConfig())
+    expected = sum(-(-estimate.prompt_chars(j) // 4) + 2 * estimate.TOKENS_PER_MESSAGE for j in jobs)
+    assert "4 request(s) would be sent" in proc.stdout
+    assert f"estimated prompt tokens: {expected:,} (4.00 characters per token, assumed)" in proc.stdout
+    assert "at most 400 (100 per request)" in proc.stdout and "--price_in" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["original.csv", "ours.csv", "results.json"]
+    bad = run_cli(["--results", str(results_path), "--dry_run", "--price_in", "-1", "--price_out", "1", *FAST])
+    assert bad.returncode == 2 and "--price_in" in bad.stderr
+
+
+def test_convert_out_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = write_run(tmp_path / "a.csv", [{"id": 1, "prefix": "p", "reference": "r", "candidate": "c"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert convert.main(["--policy", f"a={run}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a folder" in err and str(out) in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert convert.main(["--policy", f"a={run}", "--out", str(blocker / "r.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    with FakeOpenAIServer(lambda b: Reply(content="Final score: 5")) as srv:
+        results = make_results(tmp_path, n_targets=1)
+        proc = run_cli(["--results", str(results), "--base_url", srv.base_url, "--summary", str(out), *FAST])
+        assert srv.snapshot() == []  # refused before anything was sent
+    assert proc.returncode == 2 and "--summary" in proc.stderr and "is a folder" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
 # the notebook
 # --------------------------------------------------------------------------------------------
 def _kernel_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -509,6 +697,7 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_evaluation_stands_apart_from_torch_and_icu() -> None:
-    code = ("import sys, evaluation.api, evaluation.convert, evaluation.prompt; "
+    code = ("import sys, evaluation.api, evaluation.convert, evaluation.prompt, evaluation.judge, "
+            "evaluation.cache, evaluation.summary, evaluation.estimate, evaluation.files; "
             "bad = [m for m in ('torch', 'icu') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
