@@ -59,7 +59,7 @@ def validate_token_array(arr: np.ndarray, source: str, vocab_size: Optional[int]
         row, col = (int(i[0]) for i in np.nonzero(arr >= vocab_size))  # the first offending cell
         raise IcuError(
             f"{source}: row {row} holds token id {int(arr[row, col])} (column {col}), out of the "
-            f"GPT-2 vocabulary (ids 0..{vocab_size - 1}); the ids must come from the GPT-2 BPE"
+            f"vocabulary (ids 0..{vocab_size - 1}); the ids must come from the GPT-2 BPE"
         )
     return arr
 
@@ -140,6 +140,7 @@ def save_set(directory: str, rows: np.ndarray, doc_ids: Sequence[int]) -> None:
 
 def load_set(directory: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(rows, doc_ids or None) of a set written by :func:`save_set` (or the reference)."""
+    check_no_pending_swap(os.path.dirname(os.path.normpath(directory)))  # a half-swapped split
     path = os.path.join(directory, "_dataset.npy")
     if not os.path.isfile(path):
         raise IcuError(f"{path} not found; run data_prep.py first to build the forget/learn sets")
@@ -163,7 +164,6 @@ def load_experiment(root: str, exp: str, need_learn: bool = True):
             f"split folder {exp_dir!r} not found; run `python data_prep.py --exps {exp}` first "
             "(it builds the unlearn and learn sets)"
         )
-    check_no_pending_swap(exp_dir)
     unlearn, unlearn_ids = load_set(os.path.join(exp_dir, "unlearn"))
     if unlearn_ids is None:
         unlearn_ids = np.arange(len(unlearn), dtype=np.int64)
