@@ -5,6 +5,10 @@ the learn set pairs every target with its nearest non-target row by the sentence
 the row's last 100 tokens (all-MiniLM-L6-v2, exact L2). The candidate pool is embedded once and
 reused for every split. See docs/method.md#forget-unlearn-and-retain-learn-sets.
 
+Everything is checked (splits, ids, --k, writable folders) before the embedding starts, and a
+split's files are replaced together or not at all (``icu/staging.py``): a full disk or a kill
+leaves the old split whole, or the complete new one waiting to be moved in by the next run.
+
     python data_prep.py                                      # exp0..exp4 + all, paper layout
     python data_prep.py --train_file datasets/toy/train_dataset.npy --exp_dir datasets/toy/exp --exps exp0
     python data_prep.py --num_targets 128 --seed 7 --split_name mine   # a new random split
@@ -27,11 +31,13 @@ from icu.data import (
     load_split_csv,
     load_train_array,
     save_set,
+    validate_token_array,
     write_split_csv,
 )
-from icu.errors import IcuError, exit_on_user_error
+from icu.errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from icu.models import load_tokenizer, resolve_embedder
 from icu.neighbors import embed_texts, nearest_neighbors
+from icu.staging import finish_swap, pending_swap, staged_folder
 
 logger = logging.getLogger("icu")
 
@@ -83,12 +89,17 @@ def find_split_csv(exp_dir: str, exp: str) -> str:
     return matches[0]
 
 
-def create_random_split(args, train: np.ndarray, gpt2) -> str:
-    """Write ``{exp_dir}/{split_name}/lm_extraction_{n}_{seed}.csv``; refuse to overwrite."""
+def draw_random_split(args, train: np.ndarray, gpt2) -> tuple[str, np.ndarray, list[str]]:
+    """(CSV file name, ascending row ids, texts) of a new random split; nothing is written here
+    (the CSV goes into the split's folder with its sets, once they are complete)."""
     n = args.num_targets
     if n >= len(train):
         raise IcuError(f"--num_targets {n} must be smaller than the {len(train)} train rows")
-    path = os.path.join(args.exp_dir, args.split_name, f"lm_extraction_{n}_{args.seed}.csv")
+    if len(train) - n < args.k:
+        raise IcuError(
+            f"--num_targets {n} leaves {len(train) - n} candidate rows, fewer than --k {args.k} "
+            f"neighbours per target; use --num_targets <= {len(train) - args.k} or a smaller --k"
+        )
     existing = glob.glob(os.path.join(args.exp_dir, args.split_name, "lm_extraction_*.csv"))
     if existing:
         raise IcuError(
@@ -96,29 +107,14 @@ def create_random_split(args, train: np.ndarray, gpt2) -> str:
         )
     ids = np.sort(np.random.default_rng(args.seed).choice(len(train), size=n, replace=False))
     texts = gpt2.batch_decode(train[ids].astype(np.int64).tolist())
-    write_split_csv(path, ids.tolist(), texts, corpus="random")
-    logger.info("wrote a new split of %d targets: %s", n, path)
-    return path
+    return f"lm_extraction_{n}_{args.seed}.csv", ids, texts
 
 
-@exit_on_user_error
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    args = parse_args(argv)
-    t0 = time.time()
-    train = load_train_array(args.train_file)
-    gpt2 = load_tokenizer(args.gpt2_name)
-
-    if args.num_targets is not None:
-        create_random_split(args, train, gpt2)
-        exps = [args.split_name]
-    else:
-        exps = [e.strip() for e in args.exps.split(",") if e.strip()]
-        if not exps:
-            raise IcuError("--exps is empty; name at least one split, e.g. --exps exp0")
-
-    # Validate every split before writing anything, so bad input leaves no half-built output.
+def split_targets(args, train: np.ndarray) -> dict[str, np.ndarray]:
+    """Ascending target row ids of every split named by --exps, read and checked."""
+    exps = [e.strip() for e in args.exps.split(",") if e.strip()]
+    if not exps:
+        raise IcuError("--exps is empty; name at least one split, e.g. --exps exp0")
     targets: dict[str, np.ndarray] = {}
     for exp in exps:
         if exp == "all":
@@ -138,12 +134,67 @@ def main(argv=None) -> None:
         if not union:
             raise IcuError(f"split 'all' needs exp*/lm_extraction_*.csv splits under {args.exp_dir}")
         targets["all"] = np.asarray(sorted(union), dtype=np.int64)
+    return targets
+
+
+def finish_interrupted_swaps(exp_dir: str) -> None:
+    """A data_prep killed while replacing a split's files left the complete new files beside
+    the old ones: move them in before anything reads the split."""
+    if not os.path.isdir(exp_dir):
+        return
+    for name in sorted(os.listdir(exp_dir)):
+        split_dir = os.path.join(exp_dir, name)
+        if pending_swap(split_dir):
+            with disk_errors(split_dir):
+                finish_swap(split_dir)
+            logger.warning("%s: finished replacing its files (an earlier data_prep was interrupted)", split_dir)
+
+
+def write_split(out: str, train: np.ndarray, ids: np.ndarray, emb, k: int) -> int:
+    """Write the unlearn set, and unless ``emb`` is None the neighbour index and the learn set,
+    into the empty folder ``out``; returns the number of learn rows."""
+    save_set(os.path.join(out, "unlearn"), train[ids], ids)
+    if emb is None:
+        return 0
+    candidates = np.setdiff1d(np.arange(len(train)), ids)  # ascending = re-indexed 0..M-1
+    nn = nearest_neighbors(emb[ids], emb[candidates], k)
+    header = ",".join(str(c) for c in range(k))
+    body = "\n".join(",".join(str(int(v)) for v in row) for row in nn)
+    atomic_write_text(os.path.join(out, f"nearest{k}index.csv"), header + "\n" + body + "\n")
+    learn_ids = candidates[nn[:, 0]]
+    save_set(os.path.join(out, "learn"), train[learn_ids], learn_ids)
+    return len(learn_ids)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = parse_args(argv)
+    t0 = time.time()
+    train = load_train_array(args.train_file)
+    gpt2 = load_tokenizer(args.gpt2_name)
+    # GPT-2's decode drops ids it does not know, so such a row would silently become other text.
+    validate_token_array(train, args.train_file, vocab_size=len(gpt2))
+    finish_interrupted_swaps(args.exp_dir)
+
+    # Validate everything before writing anything, so bad input leaves no half-built output.
+    new_split = None
+    if args.num_targets is not None:
+        csv_name, ids, texts = draw_random_split(args, train, gpt2)
+        new_split = (csv_name, ids, texts)
+        targets = {args.split_name: ids}
+    else:
+        targets = split_targets(args, train)
     for exp, ids in targets.items():
         if exp != "all" and len(train) - len(ids) < args.k:
             raise IcuError(f"{exp}: only {len(train) - len(ids)} candidate rows for --k {args.k}")
+    check_writable_dir(args.exp_dir, "--exp_dir")  # before the minutes of embedding
+    for exp in targets:
+        check_writable_dir(os.path.join(args.exp_dir, exp), "--exp_dir")
 
-    need_embeddings = any(exp != "all" for exp in targets)
-    if need_embeddings:
+    emb = None
+    if any(exp != "all" for exp in targets):
         # Every row is a target of some split or a candidate of every split: embed all rows once.
         texts = gpt2.batch_decode(train[:, PREPREFIX_END:].astype(np.int64).tolist())
         embedder = resolve_embedder(args.embedder)
@@ -151,19 +202,17 @@ def main(argv=None) -> None:
         emb = embed_texts(texts, embedder, device=args.device, batch_size=args.batch_size)
 
     for exp, ids in targets.items():
-        out = os.path.join(args.exp_dir, exp)
-        save_set(os.path.join(out, "unlearn"), train[ids], ids)
-        if exp == "all":
-            logger.info("%s: %d unlearn rows (no learn set for the union)", exp, len(ids))
-            continue
-        candidates = np.setdiff1d(np.arange(len(train)), ids)  # ascending = re-indexed 0..M-1
-        nn = nearest_neighbors(emb[ids], emb[candidates], args.k)
-        header = ",".join(str(c) for c in range(args.k))
-        body = "\n".join(",".join(str(int(v)) for v in row) for row in nn)
-        atomic_write_text(os.path.join(out, f"nearest{args.k}index.csv"), header + "\n" + body + "\n")
-        learn_ids = candidates[nn[:, 0]]
-        save_set(os.path.join(out, "learn"), train[learn_ids], learn_ids)
-        logger.info("%s: %d unlearn rows, %d learn rows", exp, len(ids), len(learn_ids))
+        split_dir = os.path.join(args.exp_dir, exp)
+        # All of a split's files are replaced together or not at all (see icu/staging.py).
+        with disk_errors(split_dir), staged_folder(split_dir) as out:
+            learned = write_split(out, train, ids, None if exp == "all" else emb, args.k)
+            if new_split is not None:
+                csv_name, new_ids, new_texts = new_split
+                write_split_csv(os.path.join(out, csv_name), new_ids.tolist(), new_texts, corpus="random")
+        if new_split is not None:
+            logger.info("wrote a new split of %d targets: %s", len(ids), os.path.join(split_dir, new_split[0]))
+        logger.info("%s: %d unlearn rows, %d learn rows%s", exp, len(ids), learned,
+                    " (no learn set for the union)" if exp == "all" else "")
     logger.info("data_prep done in %.1f s", time.time() - t0)
 
 

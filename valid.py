@@ -1,7 +1,9 @@
 """valid.py: the downstream suite (15 tasks) that shows what general ability a model kept.
 
-Writes ``{dir}/valid_result.csv`` (one row, one column per task, plus lambada_loss and
-lambada_f1) and ``{dir}/valid.log``. Each task reads a local file (``--data_dir``,
+Writes ``{dir}/valid_result.csv`` (one row, one column per task, plus lambada_loss,
+lambada_f1 and lambada_acc_exact) and ``{dir}/valid.log``; with ``--log_samples`` also
+``{dir}/samples_{task}.jsonl`` (one line per example). A rerun into the same ``--dir`` merges:
+tasks it does not score keep their earlier cells. Each task reads a local file (``--data_dir``,
 ``--task_file``) or its hub dataset (``--task_hub`` to change the default); ``--list_tasks``
 shows the tasks, their columns and default sources.
 
@@ -27,21 +29,39 @@ from icu.downstream import (
     load_tasks,
     parse_assignments,
     parse_task_list,
+    read_result_row,
     resolve_sources,
     results_csv,
     run_suite,
+    sample_records,
+    samples_jsonl,
 )
-from icu.errors import IcuError, exit_on_user_error
+from icu.errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from icu.models import load_model, load_tokenizer
 
 RESULT_FILE = "valid_result.csv"
 LOG_FILE = "valid.log"
+SAMPLES_FILE = "samples_{task}.jsonl"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says what the default means."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Reword a shared flag's help for this script."""
+    next(a for a in p._actions if a.dest == dest).help = text
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Score a causal LM on the ICU downstream suite (15 tasks).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model_name", default=DEFAULT_MODEL, help="hub id or local path of the model")
     p.add_argument("--tokenizer_name", default=None, help="tokenizer (default: --model_name)")
@@ -52,19 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choice tokens kept; perplexity chunk length")
     add_runtime_args(p)
     p.set_defaults(batch_size=32)
-    p.add_argument("--cache", default=None, help="datasets cache directory (hub datasets)")
+    _set_help(p, "batch_size", "sequences per forward pass (fewer when the logits would exceed 512 MiB)")
+    _set_help(p, "num_workers", "unused by valid.py (accepted so the trainers' commands carry over)")
+    _set_help(p, "dir", "output folder: valid_result.csv (merged with an earlier one), valid.log, "
+                        "samples_*.jsonl")
+    p.add_argument("--cache", default=None,
+                   help="datasets cache directory for hub datasets (default: the datasets library's)")
     p.add_argument("--tasks", default="all",
                    help="comma-separated subset of: " + ",".join(TASKS))
     p.add_argument("--data_dir", default=None,
                    help="folder of local task files laid out like datasets/validation "
-                        "(lambada.csv, piqa/dev.jsonl, copa/val.jsonl, pile.csv, ...)")
+                        "(lambada.csv, piqa/dev.jsonl, copa/val.jsonl, pile.csv, ...; "
+                        "default: none, hub datasets)")
     p.add_argument("--task_file", action="append", default=[], metavar="TASK=PATH",
                    help="a local file for one task (csv, json, jsonl, parquet); repeatable")
     p.add_argument("--task_hub", action="append", default=[],
                    metavar="TASK=REPO[:CONFIG][@SPLIT][#REVISION]",
                    help="another hub dataset for one task; repeatable")
     p.add_argument("--limit", type=int, default=None,
-                   help="use at most N rows per task (texts for wikitext/pile)")
+                   help="use at most N rows per task (texts for wikitext/pile; default: all)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="dialog reply length (tokens)")
     p.add_argument("--ppl_stride", type=int, default=None,
                    help="perplexity with windows of suffix_length moved by this many tokens "
@@ -72,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy "
                         "shared CPU)")
+    p.add_argument("--log_samples", action="store_true",
+                   help="also write {dir}/samples_{task}.jsonl: per example its inputs, per-choice "
+                        "log-likelihoods or output, prediction and gold (per chunk loss for "
+                        "perplexity tasks)")
     p.add_argument("--list_tasks", action="store_true", help="list the tasks and exit")
     return p
 
@@ -107,9 +137,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         parse_assignments(args.task_file, "--task_file"),
         parse_assignments(args.task_hub, "--task_hub"),
     )
-    os.makedirs(args.dir, exist_ok=True)
+    check_writable_dir(args.dir, "--dir")
+    out_path = os.path.join(args.dir, RESULT_FILE)
+    earlier = read_result_row(out_path)  # an unreadable earlier file stops us before any work
     logger = setup_logging(os.path.join(args.dir, LOG_FILE))
     logger.info("valid.py %s", " ".join(sys.argv[1:] if argv is None else argv))
+    kept = [c for c in earlier if c in TASKS and c not in names]
+    if kept:
+        logger.info("%s: keeping the earlier results of %s (tasks not run now)", out_path, ",".join(kept))
     # All data first: a bad file or an unreachable dataset fails before the model is loaded.
     datas = load_tasks(sources, cache_dir=args.cache, limit=args.limit)
 
@@ -125,13 +160,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     logger.info("model %s on %s (%s), window %d tokens, batch %d", args.model_name, device,
                 args.dtype, scorer.window, args.batch_size)
 
-    out_path = os.path.join(args.dir, RESULT_FILE)
     done = []
 
     def write(result) -> None:
         # Rewritten after every task: a crash or a kill keeps what was scored so far.
         done.append(result)
-        atomic_write_text(out_path, results_csv(names, done))
+        with disk_errors(args.dir):
+            if args.log_samples and result.error is None:
+                path = os.path.join(args.dir, SAMPLES_FILE.format(task=result.name))
+                atomic_write_text(path, samples_jsonl(sample_records(datas[result.name], result)))
+            atomic_write_text(out_path, results_csv(names, done, earlier))
 
     start = time.perf_counter()
     results = run_suite(

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .errors import IcuError
+from .staging import check_no_pending_swap
 
 ROW_LEN = 200
 PREPREFIX_END = 100
@@ -55,9 +56,10 @@ def validate_token_array(arr: np.ndarray, source: str, vocab_size: Optional[int]
     if arr.shape[0] == 0:
         raise IcuError(f"{source}: the array has no rows")
     if vocab_size is not None and int(arr.max()) >= vocab_size:
+        row, col = (int(i[0]) for i in np.nonzero(arr >= vocab_size))  # the first offending cell
         raise IcuError(
-            f"{source}: token id {int(arr.max())} is out of the vocabulary (size {vocab_size}); "
-            "the ids must come from the GPT-2 BPE"
+            f"{source}: row {row} holds token id {int(arr[row, col])} (column {col}), out of the "
+            f"vocabulary (ids 0..{vocab_size - 1}); the ids must come from the GPT-2 BPE"
         )
     return arr
 
@@ -69,10 +71,16 @@ def load_train_array(path: str, vocab_size: Optional[int] = None) -> np.ndarray:
             f"train file {path!r} not found; download train_dataset.npy from {TRAIN_DATA_URL} "
             "or build the offline toy world with `python -m icu.toy`"
         )
+    expected = f"expected an (N, {ROW_LEN}) uint16 array of GPT-2 ids written by numpy.save"
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise IcuError(f"{path}: not a readable .npy file ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:
+        if "Failed to read all data" in str(exc):  # numpy's words for a cut-off file
+            raise IcuError(f"{path}: the .npy file is truncated; download or write it again") from None
+        raise IcuError(f"{path}: not a NumPy .npy array file; {expected}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        arr.close()
+        raise IcuError(f"{path}: an .npz archive, not a .npy array file; {expected}")
     return validate_token_array(arr, path, vocab_size)
 
 
@@ -132,6 +140,7 @@ def save_set(directory: str, rows: np.ndarray, doc_ids: Sequence[int]) -> None:
 
 def load_set(directory: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(rows, doc_ids or None) of a set written by :func:`save_set` (or the reference)."""
+    check_no_pending_swap(os.path.dirname(os.path.normpath(directory)))  # a half-swapped split
     path = os.path.join(directory, "_dataset.npy")
     if not os.path.isfile(path):
         raise IcuError(f"{path} not found; run data_prep.py first to build the forget/learn sets")

@@ -270,3 +270,38 @@ def test_batched_and_one_at_a_time_agree_on_every_example(fixture_tasks, tiny_ne
             elif hasattr(da, "score"):
                 assert da.score.logprob == pytest.approx(db.score.logprob, abs=1e-4)
     assert all(d.generated for r in fast if r.name == "wizard_of_internet" for d in r.details)
+
+
+def test_lambada_exact_column_and_empty_normalised_targets(gpt2_tok):
+    """lambada_acc_exact counts greedy tokens == target tokens (lm-eval's acc); the lambada column
+    also takes a normalised word match, but never for a target that normalises to ""."""
+    from icu.downstream import TASKS, TaskData
+    from icu.downstream.tasks import LambadaExample
+
+    examples = [
+        LambadaExample("The keeper climbed the stairs of the old", " lighthouse"),  # exact
+        LambadaExample("She opened the tin of blue", " paint"),  # greedy " Paint": words only
+        LambadaExample("He looked for it in", " the"),  # greedy " a": both normalise to ""
+        LambadaExample("They walked to the end of", " the"),  # greedy " the": exact, counts
+    ]
+    greedy = [" lighthouse", " Paint", " a", " the"]
+    rig = LookupLM()
+    for ex, g in zip(examples, greedy):
+        rig.teach(_ids(gpt2_tok, ex.context), _ids(gpt2_tok, g, False))
+    result = evaluate_task(TaskData(TASKS["lambada"], "rig", examples), BatchedScorer(rig, gpt2_tok))
+    assert [d.prediction for d in result.details] == greedy
+    assert [d.exact for d in result.details] == [True, False, False, True]
+    assert [d.correct for d in result.details] == [True, True, False, True]
+    assert result.metrics["lambada_acc_exact"] == 0.5 and result.metrics["lambada"] == 0.75
+
+
+def test_perplexity_reports_per_chunk_losses(fixture_tasks, gpt2_tok):
+    texts = fixture_tasks["pile"].examples
+    scorer = BatchedScorer(LookupLM(), gpt2_tok, suffix_length=16)
+    for stride in (None, 8):
+        ppl = scorer.perplexity(texts, stride=stride)
+        assert len(ppl.losses) == len(ppl.scored) == ppl.windows and sum(ppl.scored) == ppl.tokens
+        assert all(loss == pytest.approx(math.log(VOCAB)) for loss in ppl.losses)  # uniform model
+        mean = sum(ppl.losses) / len(ppl.losses) if stride is None else \
+            sum(l * n for l, n in zip(ppl.losses, ppl.scored)) / ppl.tokens
+        assert ppl.ppl == pytest.approx(math.exp(mean))

@@ -2,7 +2,9 @@
 
 Modules, leaves first: ``text`` (prompt pieces, normalisation, token F1), ``tasks`` (the
 registry: hub defaults, schemas, row -> example), ``sources`` (local files and the hub),
-``scoring`` (batched and one-at-a-time scoring), ``suite`` (task metrics and the result CSV).
+``progress`` (the progress bar), ``generation`` (greedy dialog replies, mixed into the scorers),
+``scoring`` (batched and one-at-a-time scoring), ``suite`` (task metrics and the result CSV),
+``samples`` (per-example records for ``--log_samples``).
 """
 
 from .scoring import BatchedScorer, PerplexityResult, SequentialScorer, TokenScore, model_window
@@ -16,12 +18,13 @@ from .sources import (
     parse_task_list,
     resolve_sources,
 )
-from .suite import TaskResult, evaluate_task, result_columns, results_csv, run_suite
+from .samples import sample_records, samples_jsonl
+from .suite import TaskResult, evaluate_task, read_result_row, result_columns, results_csv, run_suite
 from .tasks import EXTRA_COLUMNS, TASK_NAMES, TASKS, HubSource
 
 __all__ = [
     "BatchedScorer", "SequentialScorer", "TokenScore", "PerplexityResult", "model_window",
     "LocalSource", "HubSource", "TaskData", "load_task", "load_tasks", "parse_assignments",
     "parse_hub_spec", "parse_task_list", "resolve_sources", "TaskResult", "evaluate_task",
-    "result_columns", "results_csv", "run_suite", "EXTRA_COLUMNS", "TASK_NAMES", "TASKS",
+    "result_columns", "results_csv", "read_result_row", "run_suite", "sample_records", "samples_jsonl", "EXTRA_COLUMNS", "TASK_NAMES", "TASKS",
 ]

@@ -1,4 +1,4 @@
-"""Scoring a causal LM: token log-likelihoods, greedy generation and perplexity.
+"""Scoring a causal LM: token log-likelihoods and perplexity (greedy generation: ``generation``).
 
 :class:`BatchedScorer` is the fast path valid.py uses:
 
@@ -11,8 +11,8 @@
   (``logits_to_keep``) instead of a (batch, length, vocabulary) tensor;
 * position ids come from the attention mask, so a padded row scores exactly like the same row
   alone;
-* generation runs batched with left padding and attention masks, and a batch stops as soon as
-  every row has passed the stop string.
+* generation (:mod:`.generation`, mixed in) runs batched with left padding and attention
+  masks, and a batch stops as soon as every row has passed the stop string.
 
 :class:`SequentialScorer` is the reference's way: one example per forward pass, every input
 padded to a fixed length, full logits. It gives the same numbers (the tests check that) and is
@@ -32,7 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .text import DIALOG_STOP, cut_reply
+from .generation import GreedyGeneration, SequentialGeneration
+from .progress import progress_bar
 
 logger = logging.getLogger("icu")
 
@@ -41,7 +42,6 @@ logger = logging.getLogger("icu")
 LOGITS_BUDGET = 2**27
 
 Request = tuple[Sequence[int], Sequence[int]]  # (input ids, target ids)
-_warned: set[tuple[int, int]] = set()
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class PerplexityResult:
     ppl: float
     windows: int  # chunks (or strided windows) scored
     tokens: int  # tokens whose log-probability entered the result
+    losses: tuple[float, ...] = ()  # per chunk/window: mean loss (nats) of the tokens it scored
+    scored: tuple[int, ...] = ()  # per chunk/window: how many tokens it scored
 
 
 def model_window(model, tokenizer=None) -> int:
@@ -77,16 +79,7 @@ def model_window(model, tokenizer=None) -> int:
     return 2048
 
 
-def _progress(iterable, total: int, desc: Optional[str]):
-    if desc is None:
-        return iterable
-    from tqdm.auto import tqdm
-
-    # disable=None: a bar on a terminal, nothing in a log file or a test.
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=None, leave=False)
-
-
-class BatchedScorer:
+class BatchedScorer(GreedyGeneration):
     """Fast, batched scoring of a causal LM (see the module docstring)."""
 
     def __init__(
@@ -123,8 +116,7 @@ class BatchedScorer:
         # Without logits_to_keep the model returns logits for every position: batches are then
         # sized for whole rows.
         self._keeps_logits = "logits_to_keep" in self._named
-        if prefix_length > self.window and (prefix_length, self.window) not in _warned:
-            _warned.add((prefix_length, self.window))
+        if prefix_length > self.window:  # once per scorer: valid.py builds one for all tasks
             logger.warning(
                 "prefix_length %d exceeds the model window (%d tokens): inputs are truncated "
                 "from the left to %d tokens", prefix_length, self.window, self.window,
@@ -153,15 +145,6 @@ class BatchedScorer:
             sequence = ctx + target
             out.append((tuple(sequence[:-1][-self.window:]), tuple(target)))
         return out
-
-    def prompt_limit(self, max_new_tokens: int) -> int:
-        return max(1, min(self.prefix_length, self.window - max_new_tokens))
-
-    def encode_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-        """Prompt ids, keeping the last tokens that leave room for the generated ones."""
-        limit = self.prompt_limit(max_new_tokens)
-        encoded = self.tokenizer(list(prompts), verbose=False)["input_ids"] if prompts else []
-        return [list(ids)[-limit:] or [self.start_id] for ids in encoded]
 
     def chunk_length(self) -> int:
         """Perplexity chunk length: suffix_length, or the model window when that is shorter."""
@@ -264,7 +247,7 @@ class BatchedScorer:
         batches = self._batches(order, widths)
         out: list[Optional[TokenScore]] = [None] * len(requests)
         with torch.inference_mode():
-            for batch in _progress(batches, len(batches), desc):
+            for batch in progress_bar(batches, len(batches), desc):
                 width = max(max(keep[r] for r in batch), 1)
                 ids, mask = self._left_pad([inputs[r] for r in batch])
                 logits = self._forward(ids, mask, width)
@@ -300,7 +283,8 @@ class BatchedScorer:
             scores = self.score_tokens([(c[:-1], c[1:]) for c in chunks], desc, greedy=False)
             losses = [-s.logprob / len(s.target) for s in scores]
             return PerplexityResult(math.exp(sum(losses) / len(losses)), len(chunks),
-                                    sum(len(c) - 1 for c in chunks))
+                                    sum(len(c) - 1 for c in chunks), tuple(losses),
+                                    tuple(len(s.target) for s in scores))
         requests = []
         scored_until = 1  # token 0 has no prediction
         for begin in range(0, len(ids), stride):
@@ -316,92 +300,12 @@ class BatchedScorer:
             raise ValueError("the texts give fewer than 2 tokens: nothing to score")
         scores = self.score_tokens(requests, desc, greedy=False)
         tokens = sum(len(s.target) for s in scores)
-        return PerplexityResult(math.exp(-sum(s.logprob for s in scores) / tokens), len(requests), tokens)
-
-    # ---------------------------------------------------------------------- generation
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        max_new_tokens: int = 32,
-        stop: str = DIALOG_STOP,
-        desc: Optional[str] = None,
-    ) -> list[str]:
-        """Greedy continuations of the prompts, cut at ``stop`` and stripped."""
-        encoded = self.encode_prompts(prompts, max_new_tokens)
-        new_ids = self._generate_all(encoded, max_new_tokens, stop, desc)
-        texts = self.tokenizer.batch_decode([list(t) for t in new_ids], skip_special_tokens=True)
-        return [cut_reply(t, stop) for t in texts]
-
-    def _generate_all(self, encoded: list[list[int]], max_new_tokens: int, stop: str, desc: Optional[str]):
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        out: list[list[int]] = [[] for _ in encoded]
-        for batch in _progress(batches, len(batches), desc):
-            ids, mask = self._left_pad([encoded[i] for i in batch])
-            new = self._greedy(ids, mask, max_new_tokens, stop)
-            for b, i in enumerate(batch):
-                out[i] = self._strip_after_eos(new[b].tolist())
-        return out
-
-    def _strip_after_eos(self, tokens: list[int]) -> list[int]:
-        return tokens[: tokens.index(self.eos_id)] if self.eos_id in tokens else tokens
-
-    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: Optional[str]) -> torch.Tensor:
-        """(batch, <= max_new_tokens) greedy tokens; rows end at eos (then pad) or after ``stop``."""
-        with torch.inference_mode():
-            if hasattr(self.model, "generate"):
-                return self._hf_generate(ids, mask, max_new_tokens, stop)
-            return self._plain_greedy(ids, mask, max_new_tokens, stop)
-
-    def _stop_reached(self, new_tokens: torch.Tensor, stop: Optional[str]) -> torch.Tensor:
-        if stop is None or new_tokens.shape[1] == 0:
-            return torch.zeros(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
-        texts = self.tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
-        return torch.tensor([stop in t for t in texts], dtype=torch.bool, device=new_tokens.device)
-
-    def _hf_generate(self, ids, mask, max_new_tokens, stop):
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        scorer, start = self, ids.shape[1]
-
-        class _StopString(StoppingCriteria):
-            # Per-row: generate pads a finished row and ends the batch when all rows are done.
-            def __call__(self, input_ids, scores, **kwargs):
-                return scorer._stop_reached(input_ids[:, start:], stop)
-
-        criteria = StoppingCriteriaList([_StopString()]) if stop is not None else None
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            stopping_criteria=criteria,
-        )
-        return out[:, start:]
-
-    def _plain_greedy(self, ids, mask, max_new_tokens, stop):
-        """Greedy decoding for a model without ``generate`` (a bare module): no cache, one full
-        forward pass per token."""
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        new = ids.new_zeros((ids.shape[0], 0))
-        for _ in range(max_new_tokens):
-            nxt = self._forward(ids, mask, 1)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            new = torch.cat([new, nxt[:, None]], 1)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-            done |= nxt == self.eos_id
-            done |= self._stop_reached(new, stop)
-            if bool(done.all()):
-                break
-        return new
+        return PerplexityResult(math.exp(-sum(s.logprob for s in scores) / tokens), len(requests), tokens,
+                                tuple(-s.logprob / len(s.target) for s in scores),
+                                tuple(len(s.target) for s in scores))
 
 
-class SequentialScorer(BatchedScorer):
+class SequentialScorer(SequentialGeneration, BatchedScorer):
     """The reference's way: one example per forward pass, inputs padded to ``pad_to`` tokens
     (default: prefix_length, or the model window when shorter), logits at every position,
     generation of all ``max_new_tokens`` tokens one prompt at a time. Same numbers, slower."""
@@ -415,19 +319,10 @@ class SequentialScorer(BatchedScorer):
     ) -> list[TokenScore]:
         out = []
         with torch.inference_mode():
-            for x, target in _progress(requests, len(requests), desc):
+            for x, target in progress_bar(requests, len(requests), desc):
                 if len(target) > len(x):
                     raise ValueError(f"{len(target)} target tokens after {len(x)} input tokens")
                 ids, mask = self._left_pad([list(x)], length=self.pad_to)
                 logits = self._forward(ids, mask, None)
                 out.append(self._gather(logits[0], target, greedy))
-        return out
-
-    def _generate_all(self, encoded, max_new_tokens, stop, desc):
-        out = []
-        for row in _progress(encoded, len(encoded), desc):
-            ids, mask = self._left_pad([row], length=self.prompt_limit(max_new_tokens))
-            # No early stop: the reference generates all tokens, then cuts at the stop string.
-            new = self._greedy(ids, mask, max_new_tokens, None)
-            out.append(self._strip_after_eos(new[0].tolist()))
         return out

@@ -6,22 +6,27 @@ A task's number (the CSV column of the same name):
   pubmed_qa): accuracy, the share of examples whose gold choice has the highest summed
   log-probability (ties go to the first choice);
 * lambada: accuracy, an example counting when the greedy tokens equal the target's tokens or the
-  decoded greedy tokens equal the target word after normalisation; ``lambada_loss`` is the mean
-  over examples of the target's mean token loss (nats), ``lambada_f1`` the mean token F1 of the
-  decoded greedy tokens against the target;
+  decoded greedy tokens equal the target word after normalisation (a target that normalises to
+  "" matches only by its tokens; an empty target never); ``lambada_acc_exact`` counts the token
+  equality alone (lm-evaluation-harness's ``acc``); ``lambada_loss`` is the mean over examples
+  of the target's mean token loss (nats), ``lambada_f1`` the mean token F1 of the decoded greedy
+  tokens against the target;
 * dialogs: mean token F1 of the generated reply against the true last turn;
 * wikitext, pile: perplexity.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..errors import IcuError
 from .scoring import BatchedScorer, PerplexityResult, TokenScore
 from .sources import TaskData
 from .tasks import CHOICE, DIALOG, EXTRA_COLUMNS, LAMBADA, PERPLEXITY, TASK_NAMES
@@ -41,9 +46,17 @@ class ChoiceOutcome:
 class LambadaOutcome:
     score: TokenScore
     prediction: str
-    correct: bool
+    correct: bool  # exact, or the normalised words agree
     f1: float
     loss: float
+    exact: bool = False  # the greedy tokens are the target's tokens
+
+
+def lambada_match(score: TokenScore, prediction: str, target: str) -> tuple[bool, bool]:
+    """(exact, correct) for one LAMBADA example; see the module docstring."""
+    exact = bool(score.target) and score.is_greedy
+    wanted = normalize_answer(target)
+    return exact, exact or (wanted != "" and normalize_answer(prediction) == wanted)
 
 
 @dataclass(frozen=True)
@@ -92,12 +105,14 @@ def evaluate_task(
         scores = scorer.loglikelihood([(ex.context, ex.target) for ex in examples], desc)
         for ex, score in zip(examples, scores):
             prediction = scorer.tokenizer.decode(list(score.greedy))
-            correct = score.is_greedy or normalize_answer(prediction) == normalize_answer(ex.target)
+            exact, correct = lambada_match(score, prediction, ex.target)
             loss = -score.logprob / max(len(score.target), 1)
-            result.details.append(LambadaOutcome(score, prediction, correct, token_f1(prediction, ex.target), loss))
+            result.details.append(
+                LambadaOutcome(score, prediction, correct, token_f1(prediction, ex.target), loss, exact))
         result.metrics[name] = _mean([float(d.correct) for d in result.details])
         result.metrics["lambada_loss"] = _mean([d.loss for d in result.details])
         result.metrics["lambada_f1"] = _mean([d.f1 for d in result.details])
+        result.metrics["lambada_acc_exact"] = _mean([float(d.exact) for d in result.details])
     elif family == DIALOG:
         generated = scorer.generate([ex.prompt for ex in examples], max_new_tokens, desc=desc)
         for ex, text in zip(examples, generated):
@@ -150,15 +165,49 @@ def result_columns(names: Sequence[str]) -> list[str]:
     return chosen + extras
 
 
-def results_csv(names: Sequence[str], results: Sequence[TaskResult]) -> str:
-    """One header line and one row of numbers; a failed or not yet run task is left empty."""
-    values: dict[str, float] = {}
+def task_columns(name: str) -> tuple[str, ...]:
+    """The columns one task fills: its own and its extra ones."""
+    return (name, *EXTRA_COLUMNS.get(name, ()))
+
+
+def results_csv(
+    names: Sequence[str], results: Sequence[TaskResult], earlier: Optional[dict[str, str]] = None
+) -> str:
+    """One header line and one row of numbers; a failed or not yet run task is left empty.
+
+    ``earlier`` (a previous row, see :func:`read_result_row`) is merged in: its tasks that this
+    run did not (yet) score keep their cells; a task scored now replaces all its columns, a
+    failed one leaves them empty. Columns keep the suite's order; unknown earlier columns go last.
+    """
+    earlier = dict(earlier or {})
+    cells: dict[str, str] = {}
     for result in results:
-        values.update(result.metrics)
-    columns = result_columns(names)
+        for column in task_columns(result.name):
+            earlier.pop(column, None)
+            value = result.metrics.get(column)
+            cells[column] = "" if value is None or math.isnan(value) else repr(float(value))
+    tasks = set(names) | {c for c in earlier if c in TASK_NAMES}
+    columns = result_columns(sorted(tasks))
+    columns += [c for c in earlier if c not in columns]
+    row = [cells.get(c, earlier.get(c, "")) for c in columns]
+    return ",".join(columns) + "\n" + ",".join(row) + "\n"
 
-    def cell(column: str) -> str:
-        value = values.get(column)
-        return "" if value is None or math.isnan(value) else repr(float(value))
 
-    return ",".join(columns) + "\n" + ",".join(cell(c) for c in columns) + "\n"
+def read_result_row(path: str) -> dict[str, str]:
+    """The one row of an existing valid_result.csv ({} when there is none); IcuError when the
+    file is not such a CSV, so a rerun never replaces what it cannot read."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IcuError(f"{path}: cannot read the earlier results ({exc}); move it away or choose another --dir") from None
+    if len(rows) == 2 and rows[1] == []:  # a single empty cell reads as an empty row
+        rows[1] = [""] * len(rows[0])
+    if len(rows) != 2 or len(rows[0]) != len(rows[1]) or len(set(rows[0])) != len(rows[0]):
+        raise IcuError(
+            f"{path}: not a valid_result.csv (one header line and one row of numbers); move it away "
+            "or choose another --dir"
+        )
+    return dict(zip(rows[0], rows[1]))

@@ -287,5 +287,6 @@ TASKS: dict[str, Task] = {
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
-# valid_result.csv: one column per task in this order, then lambada's extra numbers.
-EXTRA_COLUMNS = {"lambada": ("lambada_loss", "lambada_f1")}
+# valid_result.csv: one column per task in this order, then lambada's extra numbers (new ones
+# go last, so the first columns stay those of the reference's file).
+EXTRA_COLUMNS = {"lambada": ("lambada_loss", "lambada_f1", "lambada_acc_exact")}
