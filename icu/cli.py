@@ -7,6 +7,7 @@ Flag names follow the reference scripts so the paper's commands run unchanged; f
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -98,3 +99,19 @@ def setup_logging(log_file: Optional[str] = None, rank: int = 0) -> logging.Logg
         logger.addHandler(fh)
     logger.propagate = False
     return logger
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> set[str]:
+    """The ``dest`` of every option given explicitly in ``argv`` (default: ``sys.argv[1:]``).
+
+    ``argv`` is parsed again by a copy of ``parser`` whose defaults are all suppressed, so only
+    what the command line itself set lands in the namespace. A flag given with its default value
+    still counts as explicit ("explicit flag wins").
+    """
+    shadow = copy.deepcopy(parser)
+    shadow._defaults.clear()  # set_defaults() values would otherwise look explicit
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    ns, _ = shadow.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    return set(vars(ns))
