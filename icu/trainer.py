@@ -103,10 +103,10 @@ def configure_method(args: argparse.Namespace) -> tuple[LoopConfig, Method, list
     return cfg, method, ignored
 
 
-def build_reference(args: argparse.Namespace, model: torch.nn.Module) -> torch.nn.Module:
+def build_reference(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """A frozen copy of the ORIGINAL model (also when resuming from a checkpoint)."""
     if args.resume:
-        reference = load_model(args.model_name, dtype=args.kl_dtype or args.dtype, device=model.device)
+        reference = load_model(args.model_name, dtype=args.kl_dtype or args.dtype, device=device)
     else:
         reference = copy.deepcopy(model)
         if args.kl_dtype:
@@ -162,7 +162,8 @@ def run_training(
     engine_name: str = "torch",
     extra_info: Optional[dict] = None,
 ) -> dict:
-    """Set up everything from ``args`` and run the ICU loop on the engine ``make_engine`` builds.
+    """Set up everything from ``args`` and run the loop with ``--method``'s loss on the engine
+    ``make_engine`` builds.
 
     ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
     """
@@ -189,7 +190,7 @@ def run_training(
     model = load_model(resume_model if args.resume else args.model_name, dtype=args.dtype, device=device)
     dataset = load_pairs(args, tokenizer, gpt2, model.get_input_embeddings().num_embeddings)
 
-    reference = build_reference(args, model) if method.needs_reference(cfg) else None
+    reference = build_reference(args, model, device) if method.needs_reference(cfg) else None
 
     scorer = get_bertscorer(args.bert_name, device)
     engine = make_engine(model)

@@ -289,3 +289,14 @@ def test_missing_config_single_process(tmp_path):
     assert proc.returncode == 2
     assert "error: --deepspeed_config" in proc.stderr and "not found" in proc.stderr
     assert not out.exists()
+
+
+def test_unknown_method_on_the_deepspeed_trainer(tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "zero2.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    proc = python("train_neo_meanwhile_update_deepspeed.py", "--deepspeed_config", str(cfg), "--method", "dpo",
+                  "--dir", str(out))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: --method 'dpo' is not known; choose one of: icu, ga, kl, llmu, po, npo, simnpo" in proc.stderr
+    assert not out.exists()
