@@ -21,27 +21,15 @@ from icu.metrics import EL_START, check_lengths, memorization_accuracy
 
 @torch.no_grad()
 def greedy_continuations(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_length: int,
-    *,
-    start: int = EL_START,
-    pad_token_id: int,
-    eos_token_ids: Sequence[int] = (),
-    max_rows: Optional[int] = None,
-    reuse_cache: bool = True,
-    stats: Optional[GreedyStats] = None,
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_length: int, **builder_kw
 ) -> torch.Tensor:
     """(B, T-start, T-start) ids: row k = g_i for i = start + k, the greedy continuation of
-    ``x_<i`` to length T (pad after an eos and past T-i); rows of uncounted prefixes are pad."""
+    ``x_<i`` to length T (pad after an eos and past T-i); rows of uncounted prefixes are pad.
+    ``builder_kw``: :class:`ContinuationBuilder`'s keywords (``pad_token_id`` required)."""
     T = int(target_length)
     x, mask = input_ids[:, :T], attention_mask[:, :T]
-    preds, cache, _, _ = teacher_forced_pass(model, x, mask, use_cache=reuse_cache)
-    b = ContinuationBuilder(
-        model, x.shape[0], T, start=start, pad_token_id=pad_token_id, eos_token_ids=eos_token_ids,
-        max_rows=max_rows, reuse_cache=reuse_cache, stats=stats,
-    )
+    preds, cache, _, _ = teacher_forced_pass(model, x, mask, use_cache=builder_kw.get("reuse_cache", True))
+    b = ContinuationBuilder(model, x.shape[0], T, **builder_kw)
     b.add(range(x.shape[0]), x, mask, preds, cache)
     return b.continuations()
 
