@@ -212,8 +212,8 @@ def evaluate_forget_set(
         generation, ma, el, el_ns, tok_loss,
     )
     clock.mark("text_metrics")
-    flags = _bertscore_and_flags(df, candidates, references, scorer, f1, bleu, clock) if generation \
-        else np.zeros(N, dtype=np.int64)
+    flags = (_bertscore_and_flags(df, candidates, references, scorer, f1, bleu, clock)
+             if generation else np.zeros(N, dtype=np.int64))
     result = ForgetEvalResult(
         per_sample=df,
         flags=flags,
