@@ -45,11 +45,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from icu.data import encode_rows  # noqa: E402
-from icu.forget_eval import (  # noqa: E402
-    GreedyStats,
-    evaluate_forget_set,
-    memorization_and_extraction,
-)
+from fast_paths import memorization_and_extraction  # noqa: E402  (tests/)
+from icu.decoding.continuations import GreedyStats  # noqa: E402
+from icu.forget_eval import evaluate_forget_set  # noqa: E402
 from icu.metrics import get_bertscorer  # noqa: E402
 from icu.models import load_model, load_tokenizer, parse_dtype, resolve_bertscore_model  # noqa: E402
 

@@ -10,7 +10,8 @@ new token) and for EL (T-i new tokens), n-grams as Python tuples, BERTScore thro
 * a continuation that emits eos is padded with the pad token to T-i tokens (generate pads the
   finished rows of a batch, and stops when every row has finished).
 
-Never import this from the package: it exists to check :mod:`icu.forget_eval`.
+Never import this from the package: it exists to check :mod:`icu.forget_eval` and
+:mod:`icu.decoding`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""icu.forget_eval: the fast MA / EL path against the slow reference (one generate per prefix),
-and the validation pass as the trainers call it.
+"""icu.forget_eval and icu.decoding: the fast MA / EL path against the slow reference (one
+generate per prefix), and the validation pass as the trainers call it.
 
 Exactness and floating point: the slow reference takes greedy tokens from generate (a prefill
 of the prefix, then cached steps of its own batch); the fast path takes them from one pass over
@@ -17,16 +17,11 @@ import torch
 
 from icu.data import EncodedSet, encode_rows
 from icu.errors import IcuError
-from icu.forget_eval import (
-    GEN_COLUMNS,
-    GreedyStats,
-    evaluate_forget_set,
-    generate_candidates,
-    greedy_continuations,
-    lean_beam_search,
-    memorization_and_extraction,
-)
+from icu.decoding.beam import generate_candidates, lean_beam_search
+from icu.decoding.continuations import GreedyStats
+from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set
 from icu.metrics import el_prefixes, flag_rule, get_bertscorer, ma_positions
+from fast_paths import greedy_continuations, memorization_and_extraction
 from reference_impl import reference_evaluate, slow_el, slow_ma
 
 torch.set_num_threads(1)  # tests share 2 cores; one thread is also the fastest for tiny models
@@ -158,7 +153,7 @@ def test_el_counts_every_n_gram_position_of_the_continuation():
 @pytest.mark.parametrize("vocab_major", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiled_head_equals_full_argmax_and_cross_entropy(dtype, vocab_major):
-    from icu.forget_eval import head_argmax
+    from icu.decoding.head import head_argmax
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=True).to(dtype)
@@ -187,7 +182,7 @@ def test_tiled_head_equals_full_argmax_and_cross_entropy(dtype, vocab_major):
 def test_tiled_head_argmax_points_at_nan_like_torch_argmax(vocab_major):
     """A NaN logit wins torch.argmax; the tiled head (which skips rows whose maximum a tile does
     not raise) must agree."""
-    from icu.forget_eval import head_argmax
+    from icu.decoding.head import head_argmax
 
     torch.manual_seed(2)
     head = torch.nn.Linear(8, 300, bias=False)
@@ -206,7 +201,7 @@ def test_tiled_head_argmax_points_at_nan_like_torch_argmax(vocab_major):
 
 @pytest.mark.parametrize("vocab_major", [False, True])
 def test_top_candidates_equal_full_topk_and_logsumexp(vocab_major):
-    from icu.forget_eval import _top_candidates
+    from icu.decoding.head import top_candidates
 
     torch.manual_seed(1)
     V = 9000  # more than one 4096-wide tile
@@ -220,7 +215,7 @@ def test_top_candidates_equal_full_topk_and_logsumexp(vocab_major):
     with torch.no_grad():
         logits = head(hidden)
         want_v, _ = logits.topk(4, dim=-1)
-        top_v, top_i, lse = _top_candidates(hidden, head, 4, vocab_major=vocab_major)
+        top_v, top_i, lse = top_candidates(hidden, head, 4, vocab_major=vocab_major)
     torch.testing.assert_close(top_v, want_v, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits.gather(1, top_i), top_v, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-5)
