@@ -26,6 +26,12 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def load_json(path: str) -> Any:
+    """A JSON file written by :func:`write_json`; ValueError when it is not valid JSON."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide the numbers (for run.json)."""
     out = {"python": platform.python_version()}
