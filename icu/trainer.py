@@ -153,6 +153,17 @@ def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> Pa
     return PairedDataset(enc(unlearn, unlearn_ids), enc(learn, learn_ids))
 
 
+def load_start_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The model to train: ``--model_name``, or on --resume the checkpoint's copy."""
+    if not args.resume:
+        return load_model(args.model_name, dtype=args.dtype, device=device)
+    try:
+        return load_model(os.path.join(args.dir, CHECKPOINT, "model"), dtype=args.dtype, device=device)
+    except IcuError as exc:  # keep the file and cause, give the fix that applies to a checkpoint
+        cause = str(exc).split("; ")[0]
+        raise IcuError(f"--resume: {cause}; the checkpoint is damaged, start over with --overwrite") from None
+
+
 def run_training(
     args: argparse.Namespace,
     make_engine: Callable[[torch.nn.Module], Engine],
@@ -180,13 +191,7 @@ def run_training(
 
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
     gpt2 = load_tokenizer(args.gpt2_name)
-    if args.resume:
-        try:
-            model = load_model(os.path.join(args.dir, CHECKPOINT, "model"), dtype=args.dtype, device=device)
-        except IcuError as exc:
-            raise IcuError(f"--resume: {str(exc).split('; ')[0]}; the checkpoint is damaged, start over with --overwrite") from None
-    else:
-        model = load_model(args.model_name, dtype=args.dtype, device=device)
+    model = load_start_model(args, device)
     dataset = load_pairs(args, tokenizer, gpt2, model.get_input_embeddings().num_embeddings)
     fit = check_tokenizer_fit(
         torch.cat([dataset.unlearn.prefix_ids, dataset.unlearn.suffix_ids], 1).numpy(), gpt2, tokenizer, model,

@@ -238,3 +238,19 @@ def test_full_disk_is_one_line(mini_exp, tmp_path, capsys):
         assert "Traceback" not in err
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: res.log may still be open
+
+
+def test_damaged_checkpoint_model_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from icu.errors import IcuError
+    from icu.trainer import load_start_model
+
+    model_dir = tmp_path / "checkpoint" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "gpt_neo"}')
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    args = SimpleNamespace(resume=True, dir=str(tmp_path), dtype=None, model_name="unused")
+    with pytest.raises(IcuError, match=r"--resume: the model weights in .*model.safetensors are missing, truncated or "
+                                       r"corrupt .*start over with --overwrite"):
+        load_start_model(args, "cpu")
