@@ -17,7 +17,7 @@ import os
 from typing import Optional
 
 from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, resolve_device, setup_logging
-from icu.errors import IcuError, exit_on_user_error
+from icu.errors import IcuError, check_writable_dir, exit_on_user_error
 
 EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
 
@@ -58,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from icu.data import atomic_write_text, check_vocab, encode_rows
     from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set, load_forget_set, unwrap_model, vocab_size
     from icu.metrics import check_lengths, get_bertscorer
-    from icu.models import load_model, load_tokenizer
+    from icu.models import check_tokenizer_fit, load_model, load_tokenizer
 
     # Everything that can be checked without the model is checked before loading it.
     check_lengths(args.prefix_length, args.target_length, args.el_ns)
@@ -68,6 +68,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "the forget-set loss compares the two token by token, so they must be equal"
         )
     device = resolve_device(args.device)
+    check_writable_dir(args.dir, "--dir")
     log = setup_logging(os.path.join(args.dir, "eval.log"))
     log.info("eval.py %s", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "el_ns"))
     rows, doc_ids = load_forget_set(args.data_dir, args.exp)
@@ -81,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         data.input_ids.numpy(), vocab_size(unwrap_model(model)),
         f"split {args.exp} encoded by {args.tokenizer_name or args.model_name}",
     )
+    check_tokenizer_fit(rows, gpt2, tok, unwrap_model(model), gpt2_name=args.gpt2_name,
+                        tokenizer_name=args.tokenizer_name or args.model_name)
     scorer = get_bertscorer(args.bert_name, device)
     log.info("%s: %d targets, model %s on %s (%s)", args.exp, len(data), args.model_name, device, args.dtype)
 

@@ -12,7 +12,6 @@ override the JSON's optimizer lr and batch keys (icu/ds_config.py).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from icu.errors import EXIT_USAGE, IcuError
@@ -24,15 +23,16 @@ def main(argv=None) -> None:
     from icu.ds_config import build_ds_config
     from icu.engine import (DeepSpeedEngine, agree_on_error, check_deepspeed_checkpoint,
                             init_deepspeed_distributed, shutdown_distributed)
-    from icu.loop import CHECKPOINT
+    from icu.checkpoint import find_checkpoint
 
     rank, _, world, device = init_deepspeed_distributed(args.local_rank)
     ds, error = None, None
     try:  # every rank checks before anything is written; all agree on the outcome
         ds = build_ds_config(args.deepspeed_config, lr=args.lr, batch_size=args.batch_size, world_size=world,
                              on_cpu=device.type == "cpu", model_dtype=args.dtype)
-        if args.resume and os.path.isdir(os.path.join(args.dir, CHECKPOINT)):
-            check_deepspeed_checkpoint(os.path.join(args.dir, CHECKPOINT), world)
+        found = find_checkpoint(args.dir) if args.resume else None
+        if found:  # the newest complete one (a kill in a save can leave it as checkpoint.tmp)
+            check_deepspeed_checkpoint(found[0], world)
     except IcuError as exc:
         error = str(exc)
     error = agree_on_error(error, world)

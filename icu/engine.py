@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -113,6 +112,12 @@ class Engine:
     def load_state(self, directory: str) -> None:
         raise NotImplementedError
 
+    def set_lr(self, lr: float) -> None:
+        """Use ``lr`` from the next step on (a resume with a new --lr; load_state restores the
+        checkpoint's)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
 
 class TorchEngine(Engine):
     """One process, one device, torch.optim.Adam with the reference's betas."""
@@ -155,8 +160,16 @@ class TorchEngine(Engine):
                 f"{path} not found: this checkpoint was not written by the single-device trainer "
                 "(a DeepSpeed run resumes with train_neo_meanwhile_update_deepspeed.py)"
             )
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(state)
+        except Exception as exc:  # truncated or garbled: torch raises several types
+            from .errors import IcuError
+
+            raise IcuError(
+                f"--resume: {path} is damaged ({type(exc).__name__}); the checkpoint cannot be "
+                "resumed, start over with --overwrite"
+            ) from None
 
 
 class DeepSpeedEngine(Engine):
@@ -372,13 +385,3 @@ def shutdown_distributed(barrier: bool) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def save_pickle(path: str, obj: Any) -> None:
-    with open(path, "wb") as fh:
-        pickle.dump(obj, fh)
-
-
-def load_pickle(path: str) -> Any:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)

@@ -66,9 +66,9 @@ def disk_errors(what: str) -> Iterator[None]:
         if exc.errno in _OS_FIXES:
             raise IcuError(os_error_message(exc, what)) from None
         raise
-    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError
+    except Exception as exc:  # torch.save (RuntimeError) and safetensors (SafetensorError) say it in text
         text = str(exc).lower()
-        if "no space left" in text or "file write failed" in text or "unexpected pos" in text:
+        if any(m in text for m in ("no space left", "os error 28", "file write failed", "unexpected pos")):
             raise IcuError(f"could not write {what}: no space left on device (or the write failed); "
                            "free some space or choose a folder on another disk") from None
         raise

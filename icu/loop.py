@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,16 +28,27 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    CHECKPOINT,
+    check_resume_config,
+    load_engine_state,
+    load_state,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
 from .cli import parse_int_list, setting
 from .data import PairedDataset
-from .engine import Engine, load_pickle, save_pickle
+from .engine import Engine
+from .errors import disk_errors
 from .methods import METHOD_NAMES, StepBatch, get_method
-from .report import SCORE_COLUMNS, write_epoch_csv, write_history_files, write_json
+from .report import SCORE_COLUMNS, load_json, write_epoch_csv, write_history_files, write_json
 
 logger = logging.getLogger("icu")
 
-CHECKPOINT = "checkpoint"
 REFINE_MODES = ("update", "off")
+# run.json fields of a finished attempt, kept while a resume of it runs or after it fails.
+SUMMARY_KEYS = ("stop_reason", "epochs", "final", "model_dir", "seconds", "nothing_to_forget")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,29 +112,6 @@ class Validation:
     ma: float
     el: dict[str, float]
     seconds: float
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
@@ -206,6 +192,8 @@ class ICULoop:
         self.state = LoopState()
         self.kl_cache: Optional[torch.Tensor] = None
         self.ckpt_dir = os.path.join(cfg.dir, CHECKPOINT)
+        self.resume_note: dict = {}  # set by load_checkpoint: from which epoch, any --lr change
+        self.started = False  # True once this attempt has written run.json
         # Injectable for tests; the default is the shared forget-set evaluation.
         self.evaluator = evaluator
 
@@ -366,15 +354,7 @@ class ICULoop:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.tmp`` on every rank, then swap it in on the main rank."""
-        eng = self.engine
-        tmp = self.ckpt_dir + ".tmp"
-        if eng.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        eng.barrier()
-        eng.save_model(os.path.join(tmp, "model"), self.tokenizer)
-        eng.save_state(tmp)
+        """Checkpoint the state needed to resume (icu/checkpoint.py writes it atomically)."""
         state = {
             "epoch": self.state.epoch,
             "flags": self.state.flags,
@@ -382,27 +362,43 @@ class ICULoop:
             "rng": rng_states(),
             "config": self.cfg.__dict__,
         }
-        if eng.is_main:
-            save_pickle(os.path.join(tmp, "state.pkl"), state)
-            old = self.ckpt_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.isdir(self.ckpt_dir):
-                os.replace(self.ckpt_dir, old)
-            os.replace(tmp, self.ckpt_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        eng.barrier()
+        save_checkpoint(self.engine, self.ckpt_dir, self.tokenizer, state)
 
     def load_checkpoint(self) -> None:
         """Restore the loop's state and the optimizer (the model weights were loaded by the
-        script from ``checkpoint/model`` before the engine was built)."""
-        state = load_pickle(os.path.join(self.ckpt_dir, "state.pkl"))
+        script from ``checkpoint/model`` before the engine was built). Settings that change the
+        results must equal the checkpoint's; a new --lr goes into the restored optimizer."""
+        state = load_state(self.ckpt_dir)
+        saved_cfg = state.get("config") or {}
+        check_resume_config(saved_cfg, self.cfg.__dict__)
         self.state = LoopState(epoch=state["epoch"], flags=state["flags"], history=state["history"])
-        self.engine.load_state(self.ckpt_dir)
+        load_engine_state(self.engine, self.ckpt_dir)
+        self.engine.set_lr(self.cfg.lr)  # the optimizer state restored the checkpoint's lr
+        old_lr = saved_cfg.get("lr", self.cfg.lr)
+        self.resume_note = {"resumed_from_epoch": self.state.epoch, "lr_changed": None}
+        if old_lr != self.cfg.lr:
+            self.resume_note["lr_changed"] = {"from": old_lr, "to": self.cfg.lr, "at_epoch": self.state.epoch}
+            logger.warning("--lr changed on resume: %g -> %g from epoch %d on", old_lr, self.cfg.lr, self.state.epoch + 1)
         restore_rng_states(state["rng"])
         logger.info(
             "resumed from %s: epoch %d validated, %d samples flagged",
             self.ckpt_dir, self.state.epoch, int(self.state.flags.sum()),
         )
+
+    def write_run_json(self, status: str, **fields) -> None:
+        """run.json on the main rank. On a resume the last finished attempt's summary fields stay
+        until this attempt finishes, so a failed resume never loses them."""
+        if not self.engine.is_main:
+            return
+        path = os.path.join(self.cfg.dir, "run.json")
+        previous = {}
+        if self.resume_note and os.path.isfile(path):
+            try:
+                previous = {k: v for k, v in load_json(path).items() if k in SUMMARY_KEYS}
+            except ValueError:
+                pass  # an unreadable old run.json: nothing to keep
+        write_json(path, {**previous, **self.run_info, **self.resume_note, "status": status, **fields})
+        self.started = True
 
     # ------------------------------------------------------------------ the run
 
@@ -410,10 +406,12 @@ class ICULoop:
         """Validate, train, repeat until the stop rule; save the final model. Returns a summary."""
         cfg = self.cfg
         t0 = time.time()
+        if resume:  # first: a refused or damaged checkpoint fails before any long work
+            self.load_checkpoint()
         if cfg.kl_mode == "cached" and "kl" in self.method.uses and cfg.kl != 0:
             self.build_kl_cache()
+        self.write_run_json("running", **({} if resume else {"stop_reason": None}))
         if resume:
-            self.load_checkpoint()
             last = self.state.history[-1]
             reason = self.stop_reason(last["acc"], {k: last[k] for k in cfg.el_keys}, last["flagged"])
         else:
@@ -421,6 +419,8 @@ class ICULoop:
             last = self.record(v, 0, {})
             reason = self.stop_reason(v.ma, v.el, int(v.flags.sum()))
             self.save_checkpoint()
+        # The stop rule already holds on the untouched model: there is nothing to unlearn.
+        nothing_to_forget = reason is not None and self.state.epoch == 0
         while reason is None:
             if self.state.epoch >= cfg.max_epochs:
                 reason = f"reached --max_epochs {cfg.max_epochs} before the stop rule held"
@@ -441,18 +441,27 @@ class ICULoop:
         self.state.stop_reason = reason
         logger.info("stopped after epoch %d: %s", self.state.epoch, reason)
         model_dir = None
-        if cfg.save_model:
+        if nothing_to_forget:
+            logger.warning(
+                "nothing to forget: the model met the stop rule before any training (%s at epoch 0, "
+                "thresholds --acc %s, --el %s). It is left unchanged and no unlearned copy is saved. "
+                "If it should know these targets, check --tokenizer_name and --gpt2_name",
+                reason, cfg.acc, cfg.el,
+            )
+        elif cfg.save_model:
             model_dir = final_model_dir(cfg, self.state.epoch)
-            self.engine.save_model(model_dir, self.tokenizer)
+            with disk_errors(f"the unlearned model {model_dir}"):
+                self.engine.save_model(model_dir, self.tokenizer)
             logger.info("saved the unlearned model to %s", model_dir)
         summary = {
             "stop_reason": reason,
             "epochs": self.state.epoch,
             "final": last,
             "model_dir": model_dir,
+            "nothing_to_forget": nothing_to_forget,
             "seconds": round(time.time() - t0, 1),
         }
         if self.engine.is_main:
             self.write_history_files()
-            write_json(os.path.join(cfg.dir, "run.json"), {**self.run_info, "status": "finished", **summary})
+        self.write_run_json("finished", **summary)
         return summary

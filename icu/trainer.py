@@ -30,11 +30,12 @@ from .cli import (
 )
 from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
-from .errors import IcuError
-from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, is_final_model_dir, set_seed
+from .checkpoint import CHECKPOINT, find_checkpoint, recover_checkpoint, set_seed
+from .errors import IcuError, check_writable_dir
+from .loop import ICULoop, LoopConfig, NonFiniteLoss, is_final_model_dir
 from .methods import HYPERPARAMETERS, Method, get_method
-from .models import load_model, load_tokenizer
-from .report import versions, write_json
+from .models import check_tokenizer_fit, load_model, load_tokenizer
+from .report import versions
 
 logger = logging.getLogger("icu")
 
@@ -116,14 +117,31 @@ def build_reference(args: argparse.Namespace, model: torch.nn.Module, device: to
     return reference.eval().requires_grad_(False)
 
 
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
-    """Refuse to mix runs: a --dir holding a run needs --resume or --overwrite."""
-    ckpt_state = os.path.join(args.dir, CHECKPOINT, "state.pkl")
-    has_run = any(os.path.exists(os.path.join(args.dir, f)) for f in ("run.json", CHECKPOINT))
+    """Refuse to mix runs: a --dir holding a run needs --resume or --overwrite. On --resume, put
+    the newest complete checkpoint in place (a kill during a checkpoint swap leaves it under
+    checkpoint.tmp or checkpoint.old)."""
+    check_writable_dir(args.dir, "--dir")
     if args.resume:
-        if not os.path.isfile(ckpt_state):
-            raise IcuError(f"--resume: no checkpoint in {args.dir} ({ckpt_state} is missing); start without --resume")
+        found = find_checkpoint(args.dir)
+        _barrier()  # every rank has looked before the main rank renames the swap folders
+        if found is None:
+            raise IcuError(
+                f"--resume: no complete checkpoint in {args.dir} (no {CHECKPOINT} folder with its "
+                f"completion marker); start without --resume"
+            )
+        if is_main:
+            recover_checkpoint(args.dir)
         return
+    has_run = any(
+        os.path.exists(os.path.join(args.dir, f))
+        for f in ("run.json", CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
+    )
     if has_run and not args.overwrite:
         raise IcuError(
             f"--dir {args.dir} already holds a run; pass --resume to continue it, --overwrite to "
@@ -154,6 +172,17 @@ def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> Pa
     return PairedDataset(enc(unlearn, unlearn_ids), enc(learn, learn_ids))
 
 
+def load_start_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The model to train: ``--model_name``, or on --resume the checkpoint's copy."""
+    if not args.resume:
+        return load_model(args.model_name, dtype=args.dtype, device=device)
+    try:
+        return load_model(os.path.join(args.dir, CHECKPOINT, "model"), dtype=args.dtype, device=device)
+    except IcuError as exc:  # keep the file and cause, give the fix that applies to a checkpoint
+        cause = str(exc).split("; ")[0]
+        raise IcuError(f"--resume: {cause}; the checkpoint is damaged, start over with --overwrite") from None
+
+
 def run_training(
     args: argparse.Namespace,
     make_engine: Callable[[torch.nn.Module], Engine],
@@ -173,10 +202,9 @@ def run_training(
     cfg, method, ignored = configure_method(args)
     is_main = rank == 0
     prepare_dir(args, is_main)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every rank checks --dir before rank 0 writes into it; otherwise a slower rank would
-        # find rank 0's fresh run.json and refuse the directory as "already holds a run".
-        torch.distributed.barrier()
+    # Every rank checks --dir before rank 0 writes into it; otherwise a slower rank would find
+    # rank 0's fresh run.json and refuse the directory as "already holds a run".
+    _barrier()
     os.makedirs(args.dir, exist_ok=True)
     setup_logging(os.path.join(args.dir, "res.log"), rank)
     logger.info("%s %s run in %s: %s", cfg.method, engine_name, args.dir, " ".join(sys.argv[1:]))
@@ -186,9 +214,12 @@ def run_training(
 
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
     gpt2 = load_tokenizer(args.gpt2_name)
-    resume_model = os.path.join(args.dir, CHECKPOINT, "model")
-    model = load_model(resume_model if args.resume else args.model_name, dtype=args.dtype, device=device)
+    model = load_start_model(args, device)
     dataset = load_pairs(args, tokenizer, gpt2, model.get_input_embeddings().num_embeddings)
+    fit = check_tokenizer_fit(
+        torch.cat([dataset.unlearn.prefix_ids, dataset.unlearn.suffix_ids], 1).numpy(), gpt2, tokenizer, model,
+        gpt2_name=args.gpt2_name, tokenizer_name=args.tokenizer_name or args.model_name,
+    )
 
     reference = build_reference(args, model, device) if method.needs_reference(cfg) else None
 
@@ -206,30 +237,50 @@ def run_training(
         "refine": cfg.refine,
         "hyperparameters": {h: getattr(cfg, h) for h in method.uses},
         "ignored_flags": ignored,
+        "tokenizer_check": fit,
         **(extra_info or {}),
     }
-    if is_main:
-        write_json(os.path.join(args.dir, "run.json"), {**run_info, "stop_reason": None, "status": "running"})
     loop = ICULoop(
         engine, cfg, tokenizer=tokenizer, gpt2_tokenizer=gpt2, dataset=dataset,
         reference_model=reference, scorer=scorer, run_info=run_info,
     )
+    summary = run_loop(loop, args)
+    if is_main:
+        if summary["nothing_to_forget"]:
+            print(f"{cfg.method}: nothing to forget, the stop rule held before any training ({summary['stop_reason']}); "
+                  "the model is unchanged and no unlearned copy was saved")
+        else:
+            label = "ICU" if cfg.method == "icu" else cfg.method
+            print(
+                f"{label} stopped after epoch {summary['epochs']}: {summary['stop_reason']}. "
+                f"Model: {summary['model_dir']}"
+            )
+    return summary
+
+
+def run_loop(loop: ICULoop, args: argparse.Namespace) -> dict:
+    """``loop.run`` with the failure written into run.json once this attempt has started (a
+    resume refused or failing while it loads leaves the earlier run.json untouched)."""
     try:
-        summary = loop.run(resume=args.resume)
+        return loop.run(resume=args.resume)
     except NonFiniteLoss as exc:
         last = loop.state.epoch
         msg = (
             f"{exc}. Stopped; the last good state is {os.path.join(args.dir, CHECKPOINT)} (epoch {last}). "
-            "Lower --lr or --uw, then continue with --resume"
+            "Lower --lr, then continue with --resume (it applies the new --lr)"
         )
         logger.error(msg)
-        if is_main:
-            write_json(os.path.join(args.dir, "run.json"),
-                       {**run_info, "status": "failed", "stop_reason": f"non-finite loss: {exc}"})
+        _record_failure(loop, f"non-finite loss: {exc}", stop_reason=f"non-finite loss: {exc}")
         raise SystemExit(1) from None
-    if is_main:
-        print(
-            f"{'ICU' if cfg.method == 'icu' else cfg.method} stopped after epoch {summary['epochs']}: {summary['stop_reason']}. "
-            f"Model: {summary['model_dir']}"
-        )
-    return summary
+    except BaseException as exc:
+        if loop.started:
+            text = str(exc).strip().splitlines()
+            _record_failure(loop, f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "))
+        raise
+
+
+def _record_failure(loop: ICULoop, error: str, **fields) -> None:
+    try:
+        loop.write_run_json("failed", error=error, **fields)
+    except OSError as exc:  # e.g. the disk that stopped the run is still full
+        logger.error("could not record the failure in run.json: %s", exc)

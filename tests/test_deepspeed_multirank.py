@@ -300,3 +300,35 @@ def test_unknown_method_on_the_deepspeed_trainer(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: --method 'dpo' is not known; choose one of: icu, ga, kl, llmu, po, npo, simnpo" in proc.stderr
     assert not out.exists()
+
+
+SET_LR_CHECK = """
+import torch
+from tests.ds_worker import ds_config, tiny_model
+from icu.engine import DeepSpeedEngine, init_deepspeed_distributed, shutdown_distributed
+init_deepspeed_distributed()
+eng = DeepSpeedEngine(tiny_model(), ds_config(2))
+x = torch.randint(0, 50257, (2, 8))
+
+def step():
+    before = [p.detach().clone() for p in eng.unwrapped().parameters()]
+    eng.backward(eng.module(input_ids=x, labels=x).loss)
+    eng.step()
+    return max(float((a - p.detach()).abs().max()) for a, p in zip(before, eng.unwrapped().parameters()))
+
+eng.set_lr(0.0)
+frozen = step()
+eng.set_lr(1e-3)
+moved = step()
+print("moves", frozen, moved)
+assert frozen == 0.0 and moved > 1e-4, (frozen, moved)
+shutdown_distributed(barrier=False)
+"""
+
+
+def test_set_lr_reaches_the_deepspeed_optimizer():
+    """A resume's new --lr goes into DeepSpeed's (ZeRO-2) optimizer: lr 0 leaves the weights,
+    lr 1e-3 moves them."""
+    proc = python("-c", SET_LR_CHECK)
+    check(proc)
+    assert "moves 0.0" in proc.stdout

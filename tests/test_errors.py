@@ -40,3 +40,14 @@ def test_disk_errors_pass_other_errors_through():
         with disk_errors("x"):
             raise FileNotFoundError(errno.ENOENT, "missing")
 
+
+
+def test_disk_errors_translate_safetensors_full_disk_message():
+    from safetensors import SafetensorError
+
+    with pytest.raises(IcuError, match="no space left"):
+        with disk_errors("model"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(SafetensorError):  # any other safetensors problem passes through
+        with disk_errors("model"):
+            raise SafetensorError("Error while deserializing header: HeaderTooLarge")

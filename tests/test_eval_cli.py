@@ -114,3 +114,25 @@ def test_small_vocabulary_model_exits_2(splits, tmp_path, capsys):
                           "--tokenizer_name", "builtin:gpt2", *OFFLINE, "--dir", str(tmp_path / "out"),
                           "--no_progress"], capsys)
     assert code == 2 and "vocabulary" in err
+
+
+def test_dir_file_missing_model_and_wrong_gpt2_are_one_line(splits, tmp_path, capsys):
+    from test_models import shifted_gpt2_tokenizer
+
+    base = ["--exp", "exp0", "--data_dir", splits["root"], "--no_progress"]
+    (tmp_path / "afile").write_text("x")
+    code, err = run_main(base + ["--model_name", splits["model"], *OFFLINE, "--dir", str(tmp_path / "afile")], capsys)
+    assert code == 2 and "is a file, not a folder" in err.strip().splitlines()[-1]
+
+    missing = str(tmp_path / "models" / "neo")
+    code, err = run_main(base + ["--model_name", missing, *OFFLINE, "--dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"{missing} does not exist" in err.strip().splitlines()[-1]
+
+    # the forget set would reach the model as other text (MA near 0 instead of near 1): refused
+    shifted_gpt2_tokenizer(str(tmp_path / "shifted"))
+    offline = list(OFFLINE)
+    offline[offline.index("builtin:gpt2")] = str(tmp_path / "shifted")
+    code, err = run_main(base + ["--model_name", splits["model"], *offline, "--dir", str(tmp_path / "out")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: --gpt2_name") and "have other ids" in last
+    assert not (tmp_path / "out" / "unlearn.csv").exists()

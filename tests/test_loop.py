@@ -8,7 +8,9 @@ test_trainer_cli.py.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from icu import loop as loop_mod
+from icu.checkpoint import load_state
 from icu.data import PairedDataset, encode_rows
 from icu.engine import TorchEngine
 from icu.losses import icu_loss, kl_term, lm_loss
@@ -93,8 +96,8 @@ class LossEval:
 def make_loop(tmp_path, pairs, evaluator, model=None, **cfg_kw):
     model = model or tiny_model()
     ref = copy.deepcopy(model).requires_grad_(False)
-    cfg = LoopConfig(exp="exp0", model_name="tiny", dir=str(tmp_path), lr=1e-3, batch_size=2,
-                     target_length=LEN, **cfg_kw)
+    cfg_kw = {"lr": 1e-3, **cfg_kw}
+    cfg = LoopConfig(exp="exp0", model_name="tiny", dir=str(tmp_path), batch_size=2, target_length=LEN, **cfg_kw)
     eng = TorchEngine(model, cfg.lr, torch.device("cpu"))
     return ICULoop(eng, cfg, tokenizer=None, gpt2_tokenizer=None, dataset=pairs, reference_model=ref,
                    scorer=None, evaluator=evaluator)
@@ -247,7 +250,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, pairs, monkeypatch
     monkeypatch.setattr(icu_method, "lm_loss", lambda logits, labels: (logits.sum() * float("nan")))
     with pytest.raises(NonFiniteLoss, match="non-finite at epoch 1"):
         lp.run()
-    state = loop_mod.load_pickle(os.path.join(tmp_path, "checkpoint", "state.pkl"))
+    state = load_state(os.path.join(tmp_path, "checkpoint"))
     assert state["epoch"] == 0
     from transformers import GPTNeoForCausalLM
 
@@ -322,3 +325,167 @@ def test_plan_step_gives_each_rank_its_share_and_a_placeholder():
     assert TwoRanks(other=0).plan_step(torch.zeros(3, dtype=torch.bool)) is None
     one = Engine().plan_step(keep)  # one device: the loss is left as it is
     assert one.share == 1.0 and one.scale == 1.0
+
+
+def _checkpoint_model(run_dir):
+    from transformers import GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM.from_pretrained(os.path.join(run_dir, "checkpoint", "model")).eval()
+
+
+def _loss_threshold(pairs):
+    """Flag = loss below the initial max + 0.03: gradient ascent unflags samples over time."""
+    init = LossEval(thr=0.0)(tiny_model(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
+    return float(init.max()) + 0.03
+
+
+def _assert_same_run(a_dir, b_dir, a_loop, b_loop):
+    cols = ["epoch", "val_loss", "acc", "el_10", "flagged", "loss_unlearn", "loss_learn", "loss_kl"]
+    a = pd.read_csv(os.path.join(a_dir, "history.csv"))
+    b = pd.read_csv(os.path.join(b_dir, "history.csv"))
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-6)
+    for (name, p), q in zip(a_loop.engine.module.named_parameters(), b_loop.engine.module.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+# The checkpoint swap: kill points and the epoch --resume must continue from (the epoch-2 save
+# of a 3-epoch run is interrupted). "write": inside the engine's write of checkpoint.tmp.
+KILL_POINTS = [("write", 1), ("before first rename", 2), ("before second rename", 2), ("before removing old", 2)]
+
+
+@pytest.mark.parametrize("kill_at, resume_epoch", KILL_POINTS)
+def test_kill_during_checkpoint_swap_resumes_from_newest_complete(tmp_path, pairs, monkeypatch, kill_at, resume_epoch):
+    from icu import checkpoint as ckpt_mod
+
+    thr = _loss_threshold(pairs)
+    full = make_loop(tmp_path / "full", pairs, LossEval(thr), max_epochs=3, acc=0.0)
+    full.run()
+
+    killed = make_loop(tmp_path / "killed", pairs, LossEval(thr), max_epochs=3, acc=0.0)
+    real_rename, real_remove, real_save_state = ckpt_mod._rename, ckpt_mod.remove_checkpoint, killed.engine.save_state
+    calls = {"rename": 0}
+
+    def armed():
+        return killed.state.epoch == 2
+
+    def rename(src, dst):
+        if armed():
+            calls["rename"] += 1
+            if (kill_at, calls["rename"]) in (("before first rename", 1), ("before second rename", 2)):
+                raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    def remove(path):
+        if armed() and kill_at == "before removing old" and path.endswith(".old") and calls["rename"] == 2:
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    def save_state(directory):
+        real_save_state(directory)
+        if armed() and kill_at == "write":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "_rename", rename)
+    monkeypatch.setattr(ckpt_mod, "remove_checkpoint", remove)
+    killed.engine.save_state = save_state
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    monkeypatch.undo()
+    run_dir = str(tmp_path / "killed")
+    stranded = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint"))
+    assert len(stranded) >= (1 if kill_at == "before removing old" else 2), stranded
+
+    assert ckpt_mod.recover_checkpoint(run_dir) == resume_epoch
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint")) == ["checkpoint"]
+    resumed = make_loop(run_dir, pairs, LossEval(thr), model=_checkpoint_model(run_dir), max_epochs=3, acc=0.0)
+    resumed.reference_model = full.reference_model  # the original model, as the script reloads it
+    assert resumed.run(resume=True)["epochs"] == 3
+    assert resumed.resume_note["resumed_from_epoch"] == resume_epoch
+    _assert_same_run(tmp_path / "full", run_dir, full, resumed)
+
+
+def test_partial_checkpoint_is_never_chosen(tmp_path):
+    from icu.checkpoint import MARKER, find_checkpoint
+
+    for name, epoch in (("checkpoint", 3), ("checkpoint.tmp", 4), ("checkpoint.old", 2)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / MARKER).write_text(f'{{"epoch": {epoch}}}')
+    assert find_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint.tmp"), 4)
+    os.remove(tmp_path / "checkpoint.tmp" / MARKER)  # a write that never finished
+    assert find_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint"), 3)
+    (tmp_path / "checkpoint" / MARKER).write_text("{garbled")
+    assert find_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoint.old"), 2)
+
+
+def test_lower_lr_on_resume_applies_after_non_finite_loss(tmp_path, pairs, monkeypatch):
+    """The non-finite-loss advice ("lower --lr, then --resume") works: the new lr reaches the
+    restored optimizer, and the run equals one started with that lr (the epoch-0 checkpoint
+    holds no Adam steps yet)."""
+    hi = [0.9] * N
+    script = [{"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5}]
+    from icu.methods import icu as icu_method
+
+    real_lm_loss = icu_method.lm_loss
+    current = {}
+
+    def blows_up_at_high_lr(logits, labels):  # stands in for a divergence at too high an lr
+        loss = real_lm_loss(logits, labels)
+        return loss * float("nan") if current["loop"].engine.optimizer.param_groups[0]["lr"] > 0.1 else loss
+
+    monkeypatch.setattr(icu_method, "lm_loss", blows_up_at_high_lr)
+    current["loop"] = failed = make_loop(tmp_path / "run", pairs, ScriptedEval(script), lr=1.0, max_epochs=2)
+    with pytest.raises(NonFiniteLoss):
+        failed.run()
+    current["loop"] = resumed = make_loop(tmp_path / "run", pairs, ScriptedEval(script), lr=1e-3, max_epochs=2,
+                                          model=_checkpoint_model(tmp_path / "run"))
+    resumed.reference_model = failed.reference_model
+    assert resumed.run(resume=True)["epochs"] == 2
+    assert resumed.engine.optimizer.param_groups[0]["lr"] == 1e-3
+    assert resumed.resume_note["lr_changed"] == {"from": 1.0, "to": 1e-3, "at_epoch": 0}
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "finished" and run["lr_changed"]["to"] == 1e-3 and run["resumed_from_epoch"] == 0
+    current["loop"] = fresh = make_loop(tmp_path / "fresh", pairs, ScriptedEval(script), lr=1e-3, max_epochs=2)
+    fresh.run()
+    _assert_same_run(tmp_path / "fresh", tmp_path / "run", fresh, resumed)
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"uw": 2.0}, "--uw 2.0 differs from the checkpoint's --uw 1.0"),
+    ({"el_ns": (5, 10)}, "--el_n 5,10 differs from the checkpoint's --el_n 10"),
+    ({"batch_size": 3}, "--batch_size 3 differs"),
+])
+def test_resume_refuses_settings_that_change_results(tmp_path, pairs, changed, message):
+    from icu.errors import IcuError
+
+    hi = [0.9] * N
+    script = [{"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5}]
+    make_loop(tmp_path, pairs, ScriptedEval(script), max_epochs=1).run()
+    before = (tmp_path / "run.json").read_text()
+    lp = make_loop(tmp_path, pairs, ScriptedEval(script), max_epochs=2, model=_checkpoint_model(tmp_path))
+    for key, value in changed.items():
+        setattr(lp.cfg, key, value)
+    with pytest.raises(IcuError, match=re.escape(message)):
+        lp.run(resume=True)
+    assert (tmp_path / "run.json").read_text() == before  # a refused resume writes nothing
+    # the same settings with a larger --max_epochs continue the run
+    lp = make_loop(tmp_path, pairs, ScriptedEval(script), max_epochs=2, model=_checkpoint_model(tmp_path))
+    assert lp.run(resume=True)["epochs"] == 2
+
+
+def test_resume_config_check_skips_keys_one_side_lacks():
+    from icu.checkpoint import check_resume_config
+    from icu.errors import IcuError
+
+    check_resume_config({"uw": 1.0, "lr": 1.0}, {"uw": 1.0, "lr": 0.1, "method": "npo"})  # lr may change
+    with pytest.raises(IcuError, match="--method npo differs from the checkpoint's --method icu"):
+        check_resume_config({"method": "icu"}, {"method": "npo"})
+
+
+def test_nothing_to_forget_saves_no_copy_and_says_so(tmp_path, pairs):
+    lp = make_loop(tmp_path, pairs, ScriptedEval([{"F1": [0.9] * N, "bleu": [0.9] * N, "ma": 0.1, "el": 0.01}]))
+    lp.train_epoch = lambda epoch: pytest.fail("must not train")
+    summary = lp.run()
+    assert summary["nothing_to_forget"] and summary["model_dir"] is None and summary["epochs"] == 0
+    assert not [n for n in os.listdir(tmp_path) if n.endswith("_updateboth")]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["nothing_to_forget"] is True and run["status"] == "finished" and "MA 0.1000" in run["stop_reason"]

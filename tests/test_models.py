@@ -119,3 +119,115 @@ def test_minilm_resolves_offline_to_packaged_copy():
     assert path == models.builtin_minilm_path()
     bert_path, layers = models.resolve_bertscore_model("bert-base-uncased")
     assert bert_path == models.builtin_minilm_path() and layers == 6
+
+
+# --------------------------------------------------------------------------- missing or damaged models
+
+
+def test_missing_local_model_folder_says_so(tmp_path):
+    missing = str(tmp_path / "models" / "neo")
+    for name in (missing, "./no/such/model", "datasets/toy/nosuch"):
+        with pytest.raises(IcuError, match=f"model folder {name} does not exist"):
+            models.load_model(name)
+    with pytest.raises(IcuError, match=f"folder {missing} does not exist"):
+        models.load_tokenizer(missing)
+    assert not models.looks_like_path("EleutherAI/gpt-neo-125m")  # a hub id still goes to the hub
+
+
+def _tiny_saved(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+                       attention_types=[[["global"], 1]], max_position_embeddings=32)
+    return _save(cfg, tmp_path / "m", GPTNeoForCausalLM)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "missing"])
+def test_damaged_weights_are_one_line_naming_the_file(tmp_path, damage):
+    import os
+
+    path = _tiny_saved(tmp_path)
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    if damage == "truncated":
+        open(weights, "wb").write(data[: len(data) // 2])
+    elif damage == "garbled":
+        open(weights, "wb").write(bytes(reversed(data)))
+    else:
+        os.remove(weights)
+    with pytest.raises(IcuError) as exc:
+        models.load_model(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and "save_pretrained" in msg
+    assert (weights in msg) if damage != "missing" else ("no model.safetensors" in msg and path in msg)
+
+
+def test_garbled_config_names_config_json(tmp_path):
+    import os
+
+    path = _tiny_saved(tmp_path)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(IcuError, match="config.json is missing or unreadable"):
+        models.load_model(path)
+
+
+# --------------------------------------------------------------------------- tokenizer fit
+
+
+def shifted_gpt2_tokenizer(folder):
+    """GPT-2's BPE with every id moved up by one (eos 50256 -> 0): same text, other ids. Built
+    offline by editing a saved copy of the packaged tokenizer."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    models.builtin_gpt2_tokenizer().save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    size = len(spec["model"]["vocab"])
+    spec["model"]["vocab"] = {t: (i + 1) % size for t, i in spec["model"]["vocab"].items()}
+    for added in spec["added_tokens"]:
+        added["id"] = (added["id"] + 1) % size
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("Hello world")["input_ids"] == [15497, 996] and tok.eos_token_id == 0
+    return tok
+
+
+@pytest.fixture(scope="module")
+def toy_rows_model(toy_world):
+    import numpy as np
+
+    rows = np.load(toy_world["train_file"])[np.asarray(toy_world["meta"]["target_ids"][:64])]
+    model = models.load_model(toy_world["model"])
+    return rows, model, models.load_tokenizer(toy_world["model"])
+
+
+def test_toy_world_passes_the_tokenizer_check(toy_rows_model):
+    rows, model, tok = toy_rows_model
+    gpt2 = models.load_tokenizer(models.BUILTIN_GPT2)
+    fit = models.check_tokenizer_fit(rows, gpt2, tok, model, gpt2_name="builtin:gpt2", tokenizer_name="toy")
+    assert fit["round_trip_share"] >= models.ROUND_TRIP_WARN and fit["rows_checked"] == len(rows)
+    assert fit["tokenizer_size"] == fit["embedding_rows"] == 50257
+
+
+def test_mismatched_tokenizers_are_refused_with_numbers(toy_rows_model, tmp_path):
+    import numpy as np
+
+    rows, model, tok = toy_rows_model
+    gpt2 = models.load_tokenizer(models.BUILTIN_GPT2)
+    shifted = shifted_gpt2_tokenizer(str(tmp_path / "shifted"))
+    # a wrong --gpt2_name: the rows would decode to other text
+    with pytest.raises(IcuError, match=r"--gpt2_name shifted: 50257 of GPT-2's 50257 tokens have other ids"):
+        models.check_tokenizer_fit(rows, shifted, tok, model, gpt2_name="shifted", tokenizer_name="toy")
+    # another model's tokenizer: the model would read other ids
+    with pytest.raises(IcuError, match="its eos id 0 differs from the model's 50256"):
+        models.check_tokenizer_fit(rows, gpt2, shifted, model, gpt2_name="gpt2", tokenizer_name="shifted")
+    # rows that are not GPT-2-tokenized text (random ids) do not survive the round trip
+    noise = np.random.default_rng(0).integers(0, 50000, size=rows.shape).astype(np.uint16)
+    with pytest.raises(IcuError, match=r"only \d+% of \d+ forget-set rows decode"):
+        models.check_tokenizer_fit(noise, gpt2, tok, model, gpt2_name="gpt2", tokenizer_name="toy")

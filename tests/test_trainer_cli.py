@@ -116,3 +116,141 @@ def test_dir_with_another_run_is_refused(mini_exp, tmp_path, capsys):
     assert (out / "run.json").read_text() == '{"precious": true}'
     assert (out / "valid.csv").read_text().startswith("epoch")
     _fails(capsys, _args(root, model, tmp_path / "empty", "--resume"), "no checkpoint")
+
+
+def test_resume_lifecycle_refusals_damage_full_disk_and_new_lr(mini_exp, tmp_path, capsys, monkeypatch):
+    """A finished run, then resumes: a changed --uw is refused, a damaged optimizer file and a
+    full disk end in one line, neither loses the finished run's summary, and a new --lr applies
+    and is recorded."""
+    import errno
+
+    from icu.checkpoint import find_checkpoint
+    from icu.engine import TorchEngine
+
+    root, model = mini_exp
+    out = tmp_path / "run"
+    trainer.main(_args(root, model, out, "--max_epochs", "1"))
+    finished = json.loads((out / "run.json").read_text())
+    before = (out / "run.json").read_text()
+
+    _fails(capsys, _args(root, model, out, "--max_epochs", "2", "--resume", "--uw", "2"),
+           "--uw 2.0 differs from the checkpoint's --uw 1.0")
+    assert (out / "run.json").read_text() == before
+
+    opt = out / "checkpoint" / "optimizer.pt"
+    good = opt.read_bytes()
+    opt.write_bytes(good[: len(good) // 3])
+    err = _fails(capsys, _args(root, model, out, "--max_epochs", "2", "--resume"), f"{opt} is damaged")
+    assert err.strip().splitlines()[-1].startswith("error: --resume:") and "Traceback" not in err
+    assert (out / "run.json").read_text() == before  # never rewritten before the resume loaded
+    opt.write_bytes(good)
+
+    def full_disk(self, directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(TorchEngine, "save_state", full_disk)
+        _fails(capsys, _args(root, model, out, "--max_epochs", "2", "--resume"), "no space left on device")
+    failed = json.loads((out / "run.json").read_text())
+    assert failed["status"] == "failed" and "no space left" in failed["error"]
+    assert failed["model_dir"] == finished["model_dir"] and failed["final"] == finished["final"]
+    assert find_checkpoint(str(out)) == (str(out / "checkpoint"), 1)  # the old checkpoint survived
+
+    trainer.main(_args(root, model, out, "--max_epochs", "2", "--resume", "--lr", "1e-4"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["epochs"] == 2 and run["args"]["lr"] == 1e-4
+    assert run["resumed_from_epoch"] == 1 and run["lr_changed"] == {"from": 3e-4, "to": 1e-4, "at_epoch": 1}
+    assert "error" not in run
+    assert os.path.basename(run["model_dir"]) == "model_mini_lr0.0001_uw1.0_lw0.5_kl1.0_epoch2_updateboth"
+
+
+def test_stranded_checkpoint_swap_is_found_by_resume(tmp_path, capsys):
+    """A kill between the swap's renames leaves checkpoint.old and checkpoint.tmp: --resume takes
+    the newer complete one; without --resume the folder still counts as a run."""
+    from types import SimpleNamespace
+
+    from icu.checkpoint import MARKER
+    from icu.trainer import prepare_dir
+
+    for name, epoch in (("checkpoint.old", 3), ("checkpoint.tmp", 4)):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / MARKER).write_text(json.dumps({"epoch": epoch}))
+    with pytest.raises(Exception, match="already holds a run"):
+        prepare_dir(SimpleNamespace(dir=str(tmp_path), resume=False, overwrite=False), True)
+    prepare_dir(SimpleNamespace(dir=str(tmp_path), resume=True, overwrite=False), True)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+    assert json.loads((tmp_path / "checkpoint" / MARKER).read_text())["epoch"] == 4
+    (tmp_path / "checkpoint" / MARKER).unlink()  # a partial write is no checkpoint
+    with pytest.raises(Exception, match="no complete checkpoint"):
+        prepare_dir(SimpleNamespace(dir=str(tmp_path), resume=True, overwrite=False), True)
+
+
+def test_dir_that_is_a_file_and_missing_model_folder(mini_exp, tmp_path, capsys):
+    root, model = mini_exp
+    (tmp_path / "afile").write_text("x")
+    _fails(capsys, _args(root, model, tmp_path / "afile"), f"--dir {tmp_path / 'afile'} is a file")
+    missing = str(tmp_path / "models" / "neo")
+    _fails(capsys, _args(root, missing, tmp_path / "out"), f"{missing} does not exist")
+
+
+def test_wrong_gpt2_tokenizer_is_refused_before_training(mini_exp, tmp_path, capsys):
+    from test_models import shifted_gpt2_tokenizer
+
+    root, model = mini_exp
+    shifted_gpt2_tokenizer(str(tmp_path / "shifted"))
+    argv = _args(root, model, tmp_path / "out")
+    argv[argv.index("builtin:gpt2")] = str(tmp_path / "shifted")
+    _fails(capsys, argv, "tokens have other ids in this tokenizer")
+    assert not (tmp_path / "out" / "epoch0.csv").exists()
+
+
+def test_model_that_memorized_nothing_has_nothing_to_forget(mini_exp, tmp_path, capsys):
+    """A fresh random model knows none of the targets: the stop rule holds at epoch 0."""
+    from transformers import GPTNeoForCausalLM
+
+    from icu.models import load_tokenizer
+    from icu.toy import tiny_neo_config
+
+    root, _ = mini_exp
+    blank = tmp_path / "blank"
+    GPTNeoForCausalLM(tiny_neo_config(hidden_size=32, num_layers=1, num_heads=2)).save_pretrained(blank)
+    load_tokenizer("builtin:gpt2").save_pretrained(blank)
+    trainer.main(_args(root, str(blank), tmp_path / "run"))
+    assert "nothing to forget" in capsys.readouterr().out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["nothing_to_forget"] is True and run["epochs"] == 0 and run["model_dir"] is None
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith("_updateboth")]
+    assert "nothing to forget" in (tmp_path / "run" / "res.log").read_text()
+
+
+def test_full_disk_is_one_line(mini_exp, tmp_path, capsys):
+    """--dir on a 20 MB tmpfs: the epoch-0 checkpoint (a 26 MB model) does not fit."""
+    import subprocess
+
+    root, model = mini_exp
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:80]})")
+    try:
+        err = _fails(capsys, _args(root, model, disk / "run", "--max_epochs", "1"), "no space left on device")
+        assert "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: res.log may still be open
+
+
+def test_damaged_checkpoint_model_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from icu.errors import IcuError
+    from icu.trainer import load_start_model
+
+    model_dir = tmp_path / "checkpoint" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "gpt_neo"}')
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    args = SimpleNamespace(resume=True, dir=str(tmp_path), dtype=None, model_name="unused")
+    with pytest.raises(IcuError, match=r"--resume: the model weights in .*model.safetensors are missing, truncated or "
+                                       r"corrupt .*start over with --overwrite"):
+        load_start_model(args, "cpu")
