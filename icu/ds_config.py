@@ -177,23 +177,8 @@ def validate_ds_config(cfg: dict, source: str = "DeepSpeed config") -> int:
     return stage
 
 
-def reconcile_ds_config(
-    cfg: dict,
-    *,
-    lr: float,
-    batch_size: int,
-    world_size: int,
-    on_cpu: bool,
-    model_dtype: str = "fp32",
-    source: str = "DeepSpeed config",
-) -> ReconciledConfig:
-    """Return a copy of ``cfg`` consistent with the flags (see the module docstring)."""
-    stage = validate_ds_config(cfg, source)
-    out = copy.deepcopy(cfg)
-    notes: list[str] = []
-
-    # ---- batch sizes: --batch_size per rank, accumulation 1 unless given, global = product
-    micro = batch_size
+def _reconcile_batch(out: dict, notes: list[str], micro: int, world_size: int, source: str) -> None:
+    """Batch sizes: --batch_size per rank, accumulation 1 unless the JSON asks, global = product."""
     json_micro = _batch_value(out, "train_micro_batch_size_per_gpu", source)
     if json_micro is not None and json_micro != micro:
         notes.append(
@@ -230,7 +215,9 @@ def reconcile_ds_config(
     out["gradient_accumulation_steps"] = gas
     out["train_batch_size"] = per_step * gas
 
-    # ---- optimizer: Adam, --lr, the reference's betas; no scheduler (validated above)
+
+def _reconcile_optimizer(out: dict, notes: list[str], lr: float, on_cpu: bool, source: str) -> None:
+    """Adam with --lr and the reference's betas; no scheduler (validated before)."""
     opt = out.setdefault("optimizer", {"type": "Adam"})
     opt.setdefault("type", "Adam")
     params = opt.setdefault("params", {})
@@ -257,7 +244,10 @@ def reconcile_ds_config(
         params["torch_adam"] = True
         notes.append(f"{source}: CPU run, so the optimizer is torch.optim.Adam (\"torch_adam\": true)")
 
-    # ---- no gradient clipping (the reference and the single-device trainer clip nothing);
+
+def _reconcile_clipping(out: dict, notes: list[str], source: str) -> None:
+    """No gradient clipping: the reference and the single-device trainer clip nothing, and
+    DeepSpeed 0.19 clips to norm 1.0 when the key is absent, which alone changes every update."""
     # DeepSpeed 0.19 clips to norm 1.0 when the key is absent, which alone changes every update.
     clip = out.get("gradient_clipping")
     if clip is None:
@@ -265,7 +255,9 @@ def reconcile_ds_config(
     elif clip:
         notes.append(f"{source}: gradient_clipping {clip} kept; the reference clips no gradients")
 
-    # ---- precision
+
+def _reconcile_precision(out: dict, notes: list[str], on_cpu: bool, model_dtype: str, source: str) -> None:
+    """fp16 is refused on CPU; bf16 there is kept with a note; --dtype must match the JSON's."""
     if on_cpu and _enabled(out.get("fp16")):
         raise IcuError(
             f"{source}: fp16 training is not supported on CPU; disable fp16 (bf16 or fp32 work on CPU)"
@@ -283,6 +275,25 @@ def reconcile_ds_config(
             "JSON, or use --dtype fp32 (DeepSpeed casts the weights itself)"
         )
 
+
+def reconcile_ds_config(
+    cfg: dict,
+    *,
+    lr: float,
+    batch_size: int,
+    world_size: int,
+    on_cpu: bool,
+    model_dtype: str = "fp32",
+    source: str = "DeepSpeed config",
+) -> ReconciledConfig:
+    """Return a copy of ``cfg`` consistent with the flags (see the module docstring)."""
+    stage = validate_ds_config(cfg, source)
+    out = copy.deepcopy(cfg)
+    notes: list[str] = []
+    _reconcile_batch(out, notes, batch_size, world_size, source)
+    _reconcile_optimizer(out, notes, lr, on_cpu, source)
+    _reconcile_clipping(out, notes, source)
+    _reconcile_precision(out, notes, on_cpu, model_dtype, source)
     out.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     return ReconciledConfig(config=out, notes=notes, zero_stage=stage)
 
