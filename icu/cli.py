@@ -7,6 +7,7 @@ Flag names follow the reference scripts so the paper's commands run unchanged; f
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -50,6 +51,21 @@ def add_runtime_args(p: argparse.ArgumentParser, with_device: bool = True) -> No
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--dir", default="result/test", help="output folder")
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> set[str]:
+    """The ``dest`` of every option the user actually typed in ``argv`` (default: sys.argv[1:]).
+
+    Re-parses ``argv`` with every default suppressed, so only given options land in the
+    namespace; a flag typed with its default value still counts as given.
+    """
+    quiet = copy.deepcopy(parser)
+    quiet.set_defaults(**{k: argparse.SUPPRESS for k in quiet._defaults})
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    ns, _ = quiet.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    return set(vars(ns))
 
 
 def resolve_device(name: str) -> torch.device:

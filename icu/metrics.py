@@ -36,6 +36,22 @@ from .errors import IcuError
 logger = logging.getLogger("icu")
 
 EL_START = 150  # first prefix length of EL in ICU (Jang et al. start at 1)
+KU_EL_START = 1  # Knowledge Unlearning's (Jang et al.) EL: prefixes 1..T-1
+
+
+def el_column(n: int, start: int = EL_START) -> str:
+    """The column / key name of EL_n under the EL definition starting at prefix ``start``.
+
+    ICU's definition keeps the paper's name (``el_10``); any other start says so in the name
+    (``el_10_from1`` for Knowledge Unlearning's), so two definitions never share a column.
+    """
+    return f"el_{n}" if int(start) == EL_START else f"el_{n}_from{int(start)}"
+
+
+def el_definition(start: int) -> str:
+    """A one-line description of the EL definition starting at prefix ``start``."""
+    who = {EL_START: "ICU", KU_EL_START: "Knowledge Unlearning"}.get(int(start), "custom")
+    return f"{who}: mean over prefixes {int(start)}..T-n of the n-gram match of the greedy continuation"
 
 
 # --------------------------------------------------------------------------- positions
