@@ -17,7 +17,7 @@ from icu.trainer import build_parser, run_training
 def main(argv=None) -> None:
     args = build_parser(distributed=False).parse_args(argv)
     device = resolve_device(args.device)
-    run_training(args, lambda model: TorchEngine(model, args.lr, device), device)
+    run_training(args, lambda model: TorchEngine(model, args.lr, device), device, argv=argv)
 
 
 if __name__ == "__main__":

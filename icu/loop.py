@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .data import EncodedSet, PairedDataset
 from .engine import Engine, load_pickle, save_pickle
 from .losses import icu_loss, kl_term, lm_loss
+from .metrics import EL_START, el_column
 from .report import SCORE_COLUMNS, plot_history, write_csv, write_json
 
 logger = logging.getLogger("icu")
@@ -54,6 +55,7 @@ class LoopConfig:
     acc: float = 0.5994
     el: float = 0.0499
     el_ns: tuple[int, ...] = (10,)
+    el_start: int = EL_START  # first EL prefix: 150 = ICU, 1 = Knowledge Unlearning
     target_length: int = 200
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
@@ -65,7 +67,8 @@ class LoopConfig:
 
     @property
     def el_keys(self) -> list[str]:
-        return [f"el_{n}" for n in self.el_ns]
+        # el_10 for ICU's definition, el_10_from1 for KU's: the name says which one it is
+        return [el_column(n, self.el_start) for n in self.el_ns]
 
 
 @dataclass
@@ -191,9 +194,9 @@ class ICULoop:
                 model, self.tokenizer, self.gpt2, self.dataset.unlearn,
                 scorer=self.scorer, batch_size=batch_size,
                 target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
-                indices=indices, progress=eng.is_main, desc=f"validation {epoch}",
+                indices=indices, progress=eng.is_main, desc=f"validation {epoch}", el_start=cfg.el_start,
             )
-            part = res.per_sample.copy()
+            part = res.per_sample.rename(columns=dict(zip([f"el_{n}" for n in cfg.el_ns], cfg.el_keys)))
             part["_row"] = indices
             part["flag"] = np.asarray(res.flags, dtype=np.int64)
             mine = (part, float(res.loss_sum), int(res.loss_batches))

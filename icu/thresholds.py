@@ -164,10 +164,6 @@ class ThresholdChoice:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def record(self, path: str) -> dict[str, Any]:
-        """The run.json entry."""
-        return {"file": path, "values": self.values, "source": self.source}
-
 
 def same_model(a: Optional[str], b: Optional[str]) -> bool:
     """Two model names name the same model (local paths compared after resolving)."""

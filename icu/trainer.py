@@ -28,6 +28,7 @@ from .cli import (
 from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
 from .errors import IcuError
+from .metrics import EL_START, check_lengths
 from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, set_seed
 from .models import load_model, load_tokenizer
 from .report import versions, write_json
@@ -65,6 +66,14 @@ def build_parser(distributed: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=int, default=None, help="validation batch (default --batch_size)")
     g.add_argument("--resume", action="store_true", help="continue the run in --dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --dir")
+    # --- thresholds (issue 12): calibrated stop / flag thresholds and the EL definition ---
+    t = p.add_argument_group("thresholds")
+    t.add_argument("--thresholds", default=None,
+                   help="thresholds.json from eval.py --calibrate: sets --acc --el --el_start --f1 --bleu "
+                        "(a flag given on the command line wins)")
+    t.add_argument("--el_start", type=int, default=EL_START,
+                   help="first prefix length of EL: 150 = ICU (default), 1 = Knowledge Unlearning")
+    # --- end thresholds ---
     if distributed:
         p.add_argument("--deepspeed_config", default="config/deepspeed3.json", help="DeepSpeed JSON")
         p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -123,6 +132,52 @@ def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+# --- thresholds (issue 12) ---
+
+
+def apply_thresholds(args: argparse.Namespace, el_ns: list[int], argv: Optional[list[str]]):
+    """Set args.acc / el / el_start / f1 / bleu from --thresholds (flags typed in ``argv`` win);
+    returns the :class:`icu.thresholds.ThresholdChoice`, or None without --thresholds."""
+    from .cli import explicit_dests
+    from .thresholds import choose_thresholds, load_thresholds
+
+    chosen = None
+    if args.thresholds:
+        explicit = explicit_dests(build_parser(distributed=hasattr(args, "deepspeed_config")), argv)
+        chosen = choose_thresholds(load_thresholds(args.thresholds), args.thresholds, vars(args), explicit, el_ns[0])
+        for dest, value in chosen.values.items():
+            setattr(args, dest, value)
+    if args.el_start < 1:
+        raise IcuError(f"--el_start must be a positive integer (got {args.el_start})")
+    check_lengths(args.prefix_length, args.target_length, el_ns, args.el_start)
+    return chosen
+
+
+def log_thresholds(args: argparse.Namespace, chosen) -> None:
+    from .metrics import el_definition
+
+    for line in chosen.notes if chosen else ():
+        logger.info(line)
+    for line in chosen.warnings if chosen else ():
+        logger.warning(line)
+    logger.info("stop rule: MA < %s and EL < %s (EL %s); flag rule: F1 >= %s and BLEU >= %s%s",
+                args.acc, args.el, el_definition(args.el_start), args.f1, args.bleu,
+                f" (thresholds from {args.thresholds})" if chosen else " (command-line values / defaults)")
+
+
+def threshold_record(args: argparse.Namespace, chosen) -> dict:
+    """run.json's "thresholds": the values used and where each came from."""
+    values = {k: getattr(args, k) for k in ("acc", "el", "el_start", "f1", "bleu")}
+    source = dict.fromkeys(values, "command line or default")
+    if chosen:
+        source.update(chosen.source)
+    return {"file": args.thresholds, "values": values, "source": source,
+            "warnings": list(chosen.warnings) if chosen else []}
+
+
+# --- end thresholds ---
+
+
 def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> PairedDataset:
     unlearn, unlearn_ids, learn, learn_ids = load_experiment(args.data_dir, args.exp)
     check_vocab(unlearn, vocab_size, os.path.join(args.data_dir, args.exp, "unlearn"))
@@ -142,14 +197,18 @@ def run_training(
     rank: int = 0,
     engine_name: str = "torch",
     extra_info: Optional[dict] = None,
+    argv: Optional[list[str]] = None,
 ) -> dict:
     """Set up everything from ``args`` and run the ICU loop on the engine ``make_engine`` builds.
 
     ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
+    ``argv``: the command line ``args`` came from (default sys.argv[1:]); with --thresholds, the
+    flags typed in it win over the file's values.
     """
     from .metrics import get_bertscorer
 
     el_ns = check_args(args)
+    chosen = apply_thresholds(args, el_ns, argv)  # before anything is written: a bad file exits 2
     is_main = rank == 0
     prepare_dir(args, is_main)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -159,6 +218,7 @@ def run_training(
     os.makedirs(args.dir, exist_ok=True)
     setup_logging(os.path.join(args.dir, "res.log"), rank)
     logger.info("ICU %s run in %s: %s", engine_name, args.dir, " ".join(sys.argv[1:]))
+    log_thresholds(args, chosen)
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
@@ -185,6 +245,7 @@ def run_training(
     cfg = LoopConfig(
         exp=args.exp, model_name=args.model_name, dir=args.dir, lr=args.lr, uw=args.uw, lw=args.lw,
         kl=args.kl, f1=args.f1, bleu=args.bleu, acc=args.acc, el=args.el, el_ns=tuple(el_ns),
+        el_start=args.el_start,
         target_length=args.target_length, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
         max_epochs=args.max_epochs, seed=args.seed, kl_mode=args.kl_mode,
@@ -197,6 +258,7 @@ def run_training(
         "seed": args.seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_samples": len(dataset),
+        "thresholds": threshold_record(args, chosen),
         **(extra_info or {}),
     }
     if is_main:
