@@ -71,7 +71,7 @@ def load_scored(args: argparse.Namespace, device, rows, doc_ids, source: str):
     (checked against the model's vocabulary) and the BERTScore scorer."""
     from icu.data import check_vocab, encode_rows
     from icu.forget_eval import unwrap_model, vocab_size
-    from icu.metrics import get_bertscorer
+    from icu.metrics import check_el_positions, get_bertscorer
     from icu.models import load_model, load_tokenizer
 
     gpt2 = load_tokenizer(args.gpt2_name)
@@ -82,6 +82,8 @@ def load_scored(args: argparse.Namespace, device, rows, doc_ids, source: str):
         data.input_ids.numpy(), vocab_size(unwrap_model(model)),
         f"{source} encoded by {args.tokenizer_name or args.model_name}",
     )
+    if args.el_ns:
+        check_el_positions(unwrap_model(model).config, args.target_length, args.el_start, args.model_name)
     scorer = get_bertscorer(args.bert_name, device)
     return model, tok, gpt2, data, scorer
 

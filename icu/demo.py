@@ -51,7 +51,7 @@ def threshold_table(run: dict) -> pd.DataFrame:
     """The stop / flag thresholds a run used and where each came from (run.json)."""
     rec = run.get("thresholds") or {}
     args = run["args"]
-    rules = {"acc": "stop: MA <", "el": "stop: EL <", "el_start": "EL from prefix",
+    rules = {"acc": "stop: MA <=", "el": "stop: EL <=", "el_start": "EL from prefix",
              "f1": "flag: F1 >=", "bleu": "flag: BLEU >="}
     values, source = rec.get("values", {}), rec.get("source", {})
     return pd.DataFrame({
@@ -100,8 +100,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rise = 100.0 * (loss_after - loss_before) / loss_before
     acc, el = run["args"]["acc"], run["args"]["el"]
     print(
-        f"\nforget set: MA {after['ma']:.4f} ({'<' if after['ma'] < acc else '>='} {acc}), "
-        f"EL10 {after['el_10']:.4f} ({'<' if after['el_10'] < el else '>='} {el}); "
+        f"\nforget set: MA {after['ma']:.4f} ({'<=' if after['ma'] <= acc else '>'} {acc}), "
+        f"EL10 {after['el_10']:.4f} ({'<=' if after['el_10'] <= el else '>'} {el}); "
         f"held-out loss {rise:+.1f}%"
     )
     table.to_csv(os.path.join(args.run, "demo_table.csv"))

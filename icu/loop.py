@@ -1,7 +1,7 @@
 """The iterative ICU loop, engine-agnostic (ICU_SPEC.md, "Loss", "Validation", stop rule).
 
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
-        MA < acc and some EL_n < el, or no sample is flagged, or --max_epochs.
+        MA <= acc and some EL_n <= el, or no sample is flagged, or --max_epochs.
 
 Validation is sharded over ranks: each rank evaluates validation batches rank, rank+W, ... of
 the forget set (see :func:`shard_indices`), the per-sample rows are gathered, and every rank
@@ -122,11 +122,16 @@ def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[i
 
 
 def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_thr: float) -> Optional[str]:
-    """The reference's stop rule: no sample flagged, or MA < acc and any EL_n < el."""
+    """The reference's stop rule: no sample flagged, or MA <= acc and any EL_n <= el.
+
+    "At most" rather than the reference's strict "<": forgotten means "no better than unseen
+    text", and a calibrated EL threshold can be exactly 0 (a model that extracts nothing from
+    unseen rows), which a strict comparison could never reach. With the reference's thresholds
+    the two differ only on exact equality."""
     if n_flagged == 0:
         return "no sample is flagged any more"
-    if ma < acc and any(v < el_thr for v in el.values()):
-        return f"MA {ma:.4f} < {acc} and EL {min(el.values()):.4f} < {el_thr}"
+    if ma <= acc and any(v <= el_thr for v in el.values()):
+        return f"MA {ma:.4f} <= {acc} and EL {min(el.values()):.4f} <= {el_thr}"
     return None
 
 

@@ -103,6 +103,25 @@ def check_lengths(seq_len: int, target_length: int, el_ns: Sequence[int] = (), s
             )
 
 
+def check_el_positions(config, target_length: int, start: int = EL_START, what: str = "the model") -> None:
+    """Raise IcuError when the fast EL path cannot decode from prefix ``start`` with this model.
+
+    It decodes every prefix from a key/value cache right-aligned at T-1, so a cache holds up to
+    (T-1) + (T-start) positions; GPT-Neo (and GPT-2) slice a causal-mask buffer of
+    ``max_position_embeddings`` by the cache length and fail beyond it. Real checkpoints allow
+    2048+ positions; tiny test models and Knowledge Unlearning's start 1 can exceed theirs.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    need = (target_length - 1) + (target_length - start)
+    if limit is not None and need > int(limit):
+        longest = (int(limit) + 1 + start) // 2
+        raise IcuError(
+            f"EL from prefix {start} with target length {target_length} decodes with up to {need} cached "
+            f"positions, but {what} allows {limit} (max_position_embeddings); use --target_length "
+            f"{longest} or less, or a larger --el_start"
+        )
+
+
 # --------------------------------------------------------------------------- MA
 
 

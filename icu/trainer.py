@@ -28,7 +28,7 @@ from .cli import (
 from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
 from .errors import IcuError
-from .metrics import EL_START, check_lengths
+from .metrics import EL_START, check_el_positions, check_lengths
 from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, set_seed
 from .models import load_model, load_tokenizer
 from .report import versions, write_json
@@ -160,7 +160,7 @@ def log_thresholds(args: argparse.Namespace, chosen) -> None:
         logger.info(line)
     for line in chosen.warnings if chosen else ():
         logger.warning(line)
-    logger.info("stop rule: MA < %s and EL < %s (EL %s); flag rule: F1 >= %s and BLEU >= %s%s",
+    logger.info("stop rule: MA <= %s and EL <= %s (EL %s); flag rule: F1 >= %s and BLEU >= %s%s",
                 args.acc, args.el, el_definition(args.el_start), args.f1, args.bleu,
                 f" (thresholds from {args.thresholds})" if chosen else " (command-line values / defaults)")
 
@@ -226,6 +226,7 @@ def run_training(
     resume_model = os.path.join(args.dir, CHECKPOINT, "model")
     model = load_model(resume_model if args.resume else args.model_name, dtype=args.dtype, device=device)
     dataset = load_pairs(args, tokenizer, gpt2, model.get_input_embeddings().num_embeddings)
+    check_el_positions(model.config, args.target_length, args.el_start, args.model_name)  # thresholds
 
     reference = None
     if args.kl != 0:

@@ -131,6 +131,13 @@ def test_choose_thresholds_precedence_and_warnings():
         choose_thresholds(th, "t.json", current, set(), 5)
 
 
+def test_stop_rule_reaches_a_calibrated_el_of_zero():
+    from icu.loop import stop_reason
+
+    assert stop_reason(0.5, {"el_10": 0.0}, 3, acc=0.56, el_thr=0.0) is not None
+    assert stop_reason(0.5, {"el_10": 0.001}, 3, acc=0.56, el_thr=0.0) is None
+
+
 def test_explicit_dests():
     p = trainer.build_parser()
     assert explicit_dests(p, ["--acc", "0.5994", "--el=0.1", "--overwrite"]) == {"acc", "el", "overwrite"}
@@ -173,10 +180,13 @@ def test_trainer_uses_thresholds_and_explicit_flags_win(mini_exp, tmp_path):  # 
     assert "--acc 0.7 given on the command line wins over 0.42" in (tmp_path / "b" / "res.log").read_text()
 
 
-def test_trainer_with_ku_thresholds_of_another_model(mini_exp, tmp_path):  # noqa: F811
+def test_trainer_with_ku_thresholds_of_another_model(mini_exp, tmp_path, capsys):  # noqa: F811
     root, model = mini_exp
     f = _thresholds_file(tmp_path / "t.json", model="EleutherAI/gpt-neo-125m", el_start=1)
-    trainer.main(_args(root, model, tmp_path / "a", "--max_epochs", "0", "--thresholds", f))
+    with pytest.raises(SystemExit) as exc:  # the toy allows 256 positions: KU's EL needs 2T-1-1
+        trainer.main(_args(root, model, tmp_path / "x", "--max_epochs", "0", "--thresholds", f))
+    assert exc.value.code == 2 and "--target_length 129 or less" in capsys.readouterr().err
+    trainer.main(_args(root, model, tmp_path / "a", "--max_epochs", "0", "--thresholds", f, "--target_length", "128"))
     log = (tmp_path / "a" / "res.log").read_text()
     assert "calibrated for model 'EleutherAI/gpt-neo-125m'" in log and repr(model) in log
     valid = pd.read_csv(tmp_path / "a" / "valid.csv")
