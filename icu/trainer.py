@@ -28,8 +28,8 @@ from .cli import (
 from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
 from .errors import IcuError
-from .metrics import EL_START, check_el_positions, check_lengths
 from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, set_seed
+from .metrics import EL_START, check_el_positions, check_lengths, el_definition
 from .models import load_model, load_tokenizer
 from .report import versions, write_json
 
@@ -154,8 +154,6 @@ def apply_thresholds(args: argparse.Namespace, el_ns: list[int], argv: Optional[
 
 
 def log_thresholds(args: argparse.Namespace, chosen) -> None:
-    from .metrics import el_definition
-
     for line in chosen.notes if chosen else ():
         logger.info(line)
     for line in chosen.warnings if chosen else ():
