@@ -62,6 +62,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.gen_batch_size is not None:
         check_positive(args, "gen_batch_size")
     check_positive(args, "el_start")
+    if not args.calibrate and (args.unseen or args.unseen_rows or args.limit is not None):
+        raise IcuError("--unseen, --unseen_rows and --limit belong to --calibrate; add --calibrate")
     args.el_ns = parse_el_n(args.el_n)
     return args
 
