@@ -54,9 +54,10 @@ def threshold_table(run: dict) -> pd.DataFrame:
     rules = {"acc": "stop: MA <=", "el": "stop: EL <=", "el_start": "EL from prefix",
              "f1": "flag: F1 >=", "bleu": "flag: BLEU >="}
     values, source = rec.get("values", {}), rec.get("source", {})
+    shown = [values.get(k, args.get(k)) for k in rules]
     return pd.DataFrame({
         "rule": list(rules.values()),
-        "value": [values.get(k, args.get(k)) for k in rules],
+        "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in shown],
         "from": [source.get(k, "command line or default") for k in rules],
     })
 
@@ -100,8 +101,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rise = 100.0 * (loss_after - loss_before) / loss_before
     acc, el = run["args"]["acc"], run["args"]["el"]
     print(
-        f"\nforget set: MA {after['ma']:.4f} ({'<=' if after['ma'] <= acc else '>'} {acc}), "
-        f"EL10 {after['el_10']:.4f} ({'<=' if after['el_10'] <= el else '>'} {el}); "
+        f"\nforget set: MA {after['ma']:.4f} ({'<=' if after['ma'] <= acc else '>'} {acc:.4f}), "
+        f"EL10 {after['el_10']:.4f} ({'<=' if after['el_10'] <= el else '>'} {el:.4f}); "
         f"held-out loss {rise:+.1f}%"
     )
     table.to_csv(os.path.join(args.run, "demo_table.csv"))
