@@ -7,7 +7,17 @@ BERTScore, diversity, entropy), loss, MA and EL_n on a split's unlearn set.
 
 Writes ``{dir}/unlearn.csv`` (one row per target: id, prefix, reference, candidate, bleu, P, R,
 F1, diff, entropy, then the per-sample ma, el_{n}, loss), ``{dir}/eval.csv`` (one row: the means
-of bleu..entropy, val_loss, ma, el_{n}) and appends to ``{dir}/eval.log``.
+of bleu..entropy, val_loss, ma, el_{n}) and appends to ``{dir}/eval.log``. With ``--el_start 1``
+(Knowledge Unlearning's EL) the EL columns are named ``el_{n}_from1``.
+
+Calibration (forgetting thresholds measured on rows the model never saw):
+
+    python eval.py --calibrate --unseen_rows datasets/toy/heldout_ids.npy \
+        --train_file datasets/toy/train_dataset.npy --model_name datasets/toy/model \
+        --gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2 --dir result/toy_thresholds
+
+writes ``{dir}/thresholds.json`` (for the trainers' ``--thresholds``) and ``{dir}/calibration.csv``
+(one row per unseen row).
 """
 
 from __future__ import annotations
@@ -16,8 +26,10 @@ import argparse
 import os
 from typing import Optional
 
+from icu.calibration import add_calibration_args
 from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, resolve_device, setup_logging
 from icu.errors import IcuError, check_writable_dir, exit_on_user_error
+from icu.metrics import EL_START, el_column
 
 EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
 
@@ -42,12 +54,42 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--gen_batch_size", type=int, default=None,
                    help="prompts per beam search (default 4 x --batch_size)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--el_start", type=int, default=EL_START,
+                   help="first prefix length of EL: 150 = ICU (default), 1 = Knowledge Unlearning")
+    add_calibration_args(p)
     args = p.parse_args(argv)
     check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
     if args.gen_batch_size is not None:
         check_positive(args, "gen_batch_size")
+    check_positive(args, "el_start")
+    if not args.calibrate and (args.unseen or args.unseen_rows or args.limit is not None):
+        raise IcuError("--unseen, --unseen_rows and --limit belong to --calibrate; add --calibrate")
     args.el_ns = parse_el_n(args.el_n)
     return args
+
+
+def load_scored(args: argparse.Namespace, device, rows, doc_ids, source: str):
+    """The model, its tokenizer, the GPT-2 tokenizer, ``rows`` encoded like the forget set
+    (checked against the model's vocabulary) and the BERTScore scorer."""
+    from icu.data import check_vocab, encode_rows
+    from icu.forget_eval import unwrap_model, vocab_size
+    from icu.metrics import check_el_positions, get_bertscorer
+    from icu.models import check_tokenizer_fit, load_model, load_tokenizer
+
+    gpt2 = load_tokenizer(args.gpt2_name)
+    tok = load_tokenizer(args.tokenizer_name or args.model_name)
+    data = encode_rows(rows, doc_ids, gpt2, tok, args.prefix_length, args.suffix_length)
+    model = load_model(args.model_name, dtype=args.dtype, device=device)
+    check_vocab(
+        data.input_ids.numpy(), vocab_size(unwrap_model(model)),
+        f"{source} encoded by {args.tokenizer_name or args.model_name}",
+    )
+    check_tokenizer_fit(rows, gpt2, tok, unwrap_model(model), gpt2_name=args.gpt2_name,
+                        tokenizer_name=args.tokenizer_name or args.model_name)
+    if args.el_ns:
+        check_el_positions(unwrap_model(model).config, args.target_length, args.el_start, args.model_name)
+    scorer = get_bertscorer(args.bert_name, device)
+    return model, tok, gpt2, data, scorer
 
 
 @exit_on_user_error
@@ -55,13 +97,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     import pandas as pd
 
-    from icu.data import atomic_write_text, check_vocab, encode_rows
-    from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set, load_forget_set, unwrap_model, vocab_size
-    from icu.metrics import check_lengths, get_bertscorer
-    from icu.models import check_tokenizer_fit, load_model, load_tokenizer
+    from icu.data import atomic_write_text
+    from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set, load_forget_set
+    from icu.metrics import check_lengths
 
     # Everything that can be checked without the model is checked before loading it.
-    check_lengths(args.prefix_length, args.target_length, args.el_ns)
+    check_lengths(args.prefix_length, args.target_length, args.el_ns, args.el_start)
     if args.suffix_length != args.prefix_length:
         raise IcuError(
             f"--suffix_length {args.suffix_length} differs from --prefix_length {args.prefix_length}; "
@@ -69,40 +110,39 @@ def main(argv: Optional[list[str]] = None) -> None:
         )
     device = resolve_device(args.device)
     check_writable_dir(args.dir, "--dir")
+    if args.calibrate:
+        from icu.calibration import run_calibration
+
+        log = setup_logging(os.path.join(args.dir, "eval.log"))
+        log.info("eval.py --calibrate %s", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "el_ns"))
+        run_calibration(args, log, lambda rows, ids: load_scored(args, device, rows, ids, "the unseen rows"))
+        return
     log = setup_logging(os.path.join(args.dir, "eval.log"))
     log.info("eval.py %s", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "el_ns"))
     rows, doc_ids = load_forget_set(args.data_dir, args.exp)
     if args.num_workers:
         log.info("--num_workers %d: accepted for compatibility; the set is encoded up front", args.num_workers)
-    gpt2 = load_tokenizer(args.gpt2_name)
-    tok = load_tokenizer(args.tokenizer_name or args.model_name)
-    data = encode_rows(rows, doc_ids, gpt2, tok, args.prefix_length, args.suffix_length)
-    model = load_model(args.model_name, dtype=args.dtype, device=device)
-    check_vocab(
-        data.input_ids.numpy(), vocab_size(unwrap_model(model)),
-        f"split {args.exp} encoded by {args.tokenizer_name or args.model_name}",
-    )
-    check_tokenizer_fit(rows, gpt2, tok, unwrap_model(model), gpt2_name=args.gpt2_name,
-                        tokenizer_name=args.tokenizer_name or args.model_name)
-    scorer = get_bertscorer(args.bert_name, device)
+    model, tok, gpt2, data, scorer = load_scored(args, device, rows, doc_ids, f"split {args.exp}")
     log.info("%s: %d targets, model %s on %s (%s)", args.exp, len(data), args.model_name, device, args.dtype)
 
     res = evaluate_forget_set(
         model, tok, gpt2, data, scorer=scorer, batch_size=args.batch_size,
         target_length=args.target_length, el_ns=args.el_ns, progress=not args.no_progress,
-        desc=f"eval {args.exp}", gen_batch_size=args.gen_batch_size,
+        desc=f"eval {args.exp}", gen_batch_size=args.gen_batch_size, el_start=args.el_start,
     )
-    per_sample = res.per_sample.sort_values("id", kind="stable")
+    # The EL columns say which definition they hold (el_10: ICU's; el_10_from1: KU's).
+    el_cols = [el_column(n, args.el_start) for n in args.el_ns]
+    per_sample = res.per_sample.rename(columns={f"el_{n}": c for n, c in zip(args.el_ns, el_cols)})
+    per_sample = per_sample.sort_values("id", kind="stable")
     summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
-    summary.update(val_loss=res.val_loss, ma=res.ma, **{f"el_{n}": v for n, v in res.el.items()})
+    summary.update(val_loss=res.val_loss, ma=res.ma, **{c: res.el[n] for n, c in zip(args.el_ns, el_cols)})
     # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.
     # The reference's columns first (evaluation/convert.py reads them by name), then ours.
-    columns = list(GEN_COLUMNS) + ["ma"] + [f"el_{n}" for n in args.el_ns] + ["loss"]
+    columns = list(GEN_COLUMNS) + ["ma"] + el_cols + ["loss"]
     atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[columns].to_csv(index=False))
     atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
     log.info("eval %s: %s", args.exp, "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     log.info("wrote %s and %s", os.path.join(args.dir, "unlearn.csv"), os.path.join(args.dir, "eval.csv"))
-
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,21 @@ def _eval_row(directory: str) -> pd.Series:
     return pd.read_csv(path).iloc[0]
 
 
+def threshold_table(run: dict) -> pd.DataFrame:
+    """The stop / flag thresholds a run used and where each came from (run.json)."""
+    rec = run.get("thresholds") or {}
+    args = run["args"]
+    rules = {"acc": "stop: MA <=", "el": "stop: EL <=", "el_start": "EL from prefix",
+             "f1": "flag: F1 >=", "bleu": "flag: BLEU >="}
+    values, source = rec.get("values", {}), rec.get("source", {})
+    shown = [values.get(k, args.get(k)) for k in rules]
+    return pd.DataFrame({
+        "rule": list(rules.values()),
+        "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in shown],
+        "from": [source.get(k, "command line or default") for k in rules],
+    })
+
+
 @exit_on_user_error
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Print the demo's before/after table.")
@@ -78,11 +93,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(f"ICU stopped after epoch {run['epochs']}: {run['stop_reason']}")
     print(table.to_string())
+    print("\nthresholds the run used:")
+    print(threshold_table(run).to_string(index=False))
+    flagged = run.get("final", {}).get("flagged")
+    if flagged is not None:
+        print(f"targets still flagged at the end: {flagged} of {run.get('num_samples', '?')}")
     rise = 100.0 * (loss_after - loss_before) / loss_before
     acc, el = run["args"]["acc"], run["args"]["el"]
     print(
-        f"\nforget set: MA {after['ma']:.4f} ({'<' if after['ma'] < acc else '>='} {acc}), "
-        f"EL10 {after['el_10']:.4f} ({'<' if after['el_10'] < el else '>='} {el}); "
+        f"\nforget set: MA {after['ma']:.4f} ({'<=' if after['ma'] <= acc else '>'} {acc:.4f}), "
+        f"EL10 {after['el_10']:.4f} ({'<=' if after['el_10'] <= el else '>'} {el:.4f}); "
         f"held-out loss {rise:+.1f}%"
     )
     table.to_csv(os.path.join(args.run, "demo_table.csv"))

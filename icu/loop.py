@@ -2,7 +2,7 @@
 #validation, #stop-rule; the methods in README, "Methods").
 
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
-        MA < acc and some EL_n < el, or no sample is flagged, or --max_epochs.
+        MA <= acc and some EL_n <= el, or no sample is flagged, or --max_epochs.
 
 The loss of a step is the method's (icu/methods/); with ``--refine off`` every pair trains
 every epoch and only the MA/EL rule (or --max_epochs) stops the run.
@@ -43,6 +43,7 @@ from .engine import Engine
 from .errors import disk_errors
 from .methods import METHOD_NAMES, StepBatch, get_method
 from .report import SCORE_COLUMNS, load_json, write_epoch_csv, write_history_files, write_json
+from .metrics import EL_START, el_column
 
 logger = logging.getLogger("icu")
 
@@ -80,6 +81,8 @@ class LoopConfig:
     el: float = setting(0.0499, "EL threshold of the stop rule")
     el_ns: tuple[int, ...] = setting((10,), "comma-separated n of EL_n (stop when any is below --el)",
                                      flag="el_n", parse=lambda v: parse_int_list(v, "el_n"), type=str)
+    el_start: int = setting(EL_START, "first prefix length of EL_n: 150 = ICU's definition (default), "
+                            "1 = Knowledge Unlearning's (docs/method.md#extraction-likelihood-el_n)")
     target_length: int = 200
     batch_size: int = 8
     eval_batch_size: Optional[int] = setting(None, "validation batch (default --batch_size)", type=int)
@@ -93,7 +96,8 @@ class LoopConfig:
 
     @property
     def el_keys(self) -> list[str]:
-        return [f"el_{n}" for n in self.el_ns]
+        # el_10 for ICU's definition, el_10_from1 for KU's: the name says which one it is
+        return [el_column(n, self.el_start) for n in self.el_ns]
 
 
 @dataclass
@@ -125,12 +129,17 @@ def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[i
 
 def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_thr: float,
                 refine: bool = True) -> Optional[str]:
-    """The reference's stop rule: no sample flagged, or MA < acc and any EL_n < el. Without
-    iterative refinement (``refine`` False) the flags do not steer training, so only MA/EL stop."""
+    """The reference's stop rule: no sample flagged, or MA <= acc and any EL_n <= el. Without
+    iterative refinement (``refine`` False) the flags do not steer training, so only MA/EL stop.
+
+    "At most" rather than the reference's strict "<": forgotten means "no better than unseen
+    text", and a calibrated EL threshold can be exactly 0 (a model that extracts nothing from
+    unseen rows), which a strict comparison could never reach. With the reference's thresholds
+    the two differ only on exact equality."""
     if refine and n_flagged == 0:
         return "no sample is flagged any more"
-    if ma < acc and any(v < el_thr for v in el.values()):
-        return f"MA {ma:.4f} < {acc} and EL {min(el.values()):.4f} < {el_thr}"
+    if ma <= acc and any(v <= el_thr for v in el.values()):
+        return f"MA {ma:.4f} <= {acc} and EL {min(el.values()):.4f} <= {el_thr}"
     return None
 
 
@@ -216,9 +225,9 @@ class ICULoop:
                 model, self.tokenizer, self.gpt2, self.dataset.unlearn,
                 scorer=self.scorer, batch_size=batch_size,
                 target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
-                indices=indices, progress=eng.is_main, desc=f"validation {epoch}",
+                indices=indices, progress=eng.is_main, desc=f"validation {epoch}", el_start=cfg.el_start,
             )
-            part = res.per_sample.copy()
+            part = res.per_sample.rename(columns=dict(zip([f"el_{n}" for n in cfg.el_ns], cfg.el_keys)))
             part["_row"] = indices
             part["flag"] = np.asarray(res.flags, dtype=np.int64)
             mine = (part, float(res.loss_sum), int(res.loss_batches))

@@ -36,6 +36,22 @@ from .errors import IcuError
 logger = logging.getLogger("icu")
 
 EL_START = 150  # first prefix length of EL in ICU (Jang et al. start at 1)
+KU_EL_START = 1  # Knowledge Unlearning's (Jang et al.) EL: prefixes 1..T-1
+
+
+def el_column(n: int, start: int = EL_START) -> str:
+    """The column / key name of EL_n under the EL definition starting at prefix ``start``.
+
+    ICU's definition keeps the paper's name (``el_10``); any other start says so in the name
+    (``el_10_from1`` for Knowledge Unlearning's), so two definitions never share a column.
+    """
+    return f"el_{n}" if int(start) == EL_START else f"el_{n}_from{int(start)}"
+
+
+def el_definition(start: int) -> str:
+    """A one-line description of the EL definition starting at prefix ``start``."""
+    who = {EL_START: "ICU", KU_EL_START: "Knowledge Unlearning"}.get(int(start), "custom")
+    return f"{who}: mean over prefixes {int(start)}..T-n of the n-gram match of the greedy continuation"
 
 
 # --------------------------------------------------------------------------- positions
@@ -85,6 +101,25 @@ def check_lengths(seq_len: int, target_length: int, el_ns: Sequence[int] = (), s
                 f"{target_length} leaves only {max(0, target_length - start)} after token {start}; "
                 f"use a smaller --el_n or a larger --target_length"
             )
+
+
+def check_el_positions(config, target_length: int, start: int = EL_START, what: str = "the model") -> None:
+    """Raise IcuError when the fast EL path cannot decode from prefix ``start`` with this model.
+
+    It decodes every prefix from a key/value cache right-aligned at T-1, so a cache holds up to
+    (T-1) + (T-start) positions; GPT-Neo (and GPT-2) slice a causal-mask buffer of
+    ``max_position_embeddings`` by the cache length and fail beyond it. Real checkpoints allow
+    2048+ positions; tiny test models and Knowledge Unlearning's start 1 can exceed theirs.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    need = (target_length - 1) + (target_length - start)
+    if limit is not None and need > int(limit):
+        longest = (int(limit) + 1 + start) // 2
+        raise IcuError(
+            f"EL from prefix {start} with target length {target_length} decodes with up to {need} cached "
+            f"positions, but {what} allows {limit} (max_position_embeddings); use --target_length "
+            f"{longest} or less, or a larger --el_start"
+        )
 
 
 # --------------------------------------------------------------------------- MA

@@ -25,6 +25,7 @@ from .cli import (
     check_positive,
     check_unit_interval,
     explicit_dests,
+    parse_int_list,
     settings_from_args,
     setup_logging,
 )
@@ -34,6 +35,7 @@ from .checkpoint import CHECKPOINT, find_checkpoint, recover_checkpoint, set_see
 from .errors import IcuError, check_writable_dir
 from .loop import ICULoop, LoopConfig, NonFiniteLoss, is_final_model_dir
 from .methods import HYPERPARAMETERS, Method, get_method
+from .metrics import check_el_positions, check_lengths, el_definition
 from .models import check_tokenizer_fit, load_model, load_tokenizer
 from .report import versions
 
@@ -56,6 +58,12 @@ def build_parser(distributed: bool = False) -> argparse.ArgumentParser:
                    help="dtype of the frozen original model (KL / NPO reference; default: --dtype)")
     g.add_argument("--resume", action="store_true", help="continue the run in --dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --dir")
+    # --- thresholds (issue 12): calibrated stop / flag thresholds and the EL definition ---
+    t = p.add_argument_group("thresholds")
+    t.add_argument("--thresholds", default=None,
+                   help="thresholds.json from eval.py --calibrate: sets --acc --el --el_start --f1 --bleu "
+                        "(a flag given on the command line wins)")
+    # --- end thresholds ---
     if distributed:
         p.add_argument("--deepspeed_config", default="config/deepspeed3.json", help="DeepSpeed JSON")
         p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -160,6 +168,54 @@ def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+# --- thresholds (issue 12) ---
+
+
+def apply_thresholds(args: argparse.Namespace, argv: Optional[list[str]] = None):
+    """Set args.acc / el / el_start / f1 / bleu from --thresholds (flags typed on the command
+    line win: ``args.explicit_flags`` from :func:`parse_args`, else those found in ``argv``);
+    returns the :class:`icu.thresholds.ThresholdChoice`, or None without --thresholds."""
+    from .thresholds import choose_thresholds, load_thresholds
+
+    chosen = None
+    el_ns = list(parse_int_list(args.el_n, "el_n"))
+    if args.thresholds:
+        explicit = getattr(args, "explicit_flags", None)
+        if explicit is None:
+            explicit = explicit_dests(build_parser(distributed=hasattr(args, "deepspeed_config")), argv)
+        explicit = set(explicit)
+        chosen = choose_thresholds(load_thresholds(args.thresholds), args.thresholds, vars(args), explicit, el_ns[0])
+        for dest, value in chosen.values.items():
+            setattr(args, dest, value)
+    if args.el_start < 1:
+        raise IcuError(f"--el_start must be a positive integer (got {args.el_start})")
+    check_lengths(args.prefix_length, args.target_length, el_ns, args.el_start)
+    return chosen
+
+
+def log_thresholds(args: argparse.Namespace, chosen) -> None:
+    for line in chosen.notes if chosen else ():
+        logger.info(line)
+    for line in chosen.warnings if chosen else ():
+        logger.warning(line)
+    logger.info("stop rule: MA <= %s and EL <= %s (EL %s); flag rule: F1 >= %s and BLEU >= %s%s",
+                args.acc, args.el, el_definition(args.el_start), args.f1, args.bleu,
+                f" (thresholds from {args.thresholds})" if chosen else " (command-line values / defaults)")
+
+
+def threshold_record(args: argparse.Namespace, chosen) -> dict:
+    """run.json's "thresholds": the values used and where each came from."""
+    values = {k: getattr(args, k) for k in ("acc", "el", "el_start", "f1", "bleu")}
+    source = dict.fromkeys(values, "command line or default")
+    if chosen:
+        source.update(chosen.source)
+    return {"file": args.thresholds, "values": values, "source": source,
+            "warnings": list(chosen.warnings) if chosen else []}
+
+
+# --- end thresholds ---
+
+
 def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> PairedDataset:
     unlearn, unlearn_ids, learn, learn_ids = load_experiment(args.data_dir, args.exp)
     check_vocab(unlearn, vocab_size, os.path.join(args.data_dir, args.exp, "unlearn"))
@@ -190,15 +246,19 @@ def run_training(
     rank: int = 0,
     engine_name: str = "torch",
     extra_info: Optional[dict] = None,
+    argv: Optional[list[str]] = None,
 ) -> dict:
     """Set up everything from ``args`` and run the loop with ``--method``'s loss on the engine
     ``make_engine`` builds.
 
     ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
+    ``argv``: the command line ``args`` came from (default sys.argv[1:]); with --thresholds, the
+    flags typed in it win over the file's values.
     """
     from .metrics import get_bertscorer
 
     check_args(args)
+    chosen = apply_thresholds(args, argv)  # before anything is written: a bad file exits 2
     cfg, method, ignored = configure_method(args)
     is_main = rank == 0
     prepare_dir(args, is_main)
@@ -210,6 +270,7 @@ def run_training(
     logger.info("%s %s run in %s: %s", cfg.method, engine_name, args.dir, " ".join(sys.argv[1:]))
     if ignored and is_main:
         logger.warning("--method %s does not use %s; ignored", cfg.method, ", ".join(f"--{h}" for h in ignored))
+    log_thresholds(args, chosen)
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
@@ -220,6 +281,7 @@ def run_training(
         torch.cat([dataset.unlearn.prefix_ids, dataset.unlearn.suffix_ids], 1).numpy(), gpt2, tokenizer, model,
         gpt2_name=args.gpt2_name, tokenizer_name=args.tokenizer_name or args.model_name,
     )
+    check_el_positions(model.config, args.target_length, args.el_start, args.model_name)
 
     reference = build_reference(args, model, device) if method.needs_reference(cfg) else None
 
@@ -238,6 +300,7 @@ def run_training(
         "hyperparameters": {h: getattr(cfg, h) for h in method.uses},
         "ignored_flags": ignored,
         "tokenizer_check": fit,
+        "thresholds": threshold_record(args, chosen),
         **(extra_info or {}),
     }
     loop = ICULoop(
