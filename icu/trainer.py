@@ -33,7 +33,8 @@ from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
 from .checkpoint import CHECKPOINT, find_checkpoint, recover_checkpoint, set_seed
 from .errors import IcuError, check_writable_dir
-from .loop import ICULoop, LoopConfig, NonFiniteLoss, is_final_model_dir
+from .loop import ICULoop, NonFiniteLoss
+from .loop_config import LoopConfig, is_final_model_dir
 from .methods import HYPERPARAMETERS, Method, get_method
 from .metrics import check_el_positions, check_lengths, el_definition
 from .models import check_tokenizer_fit, load_model, load_tokenizer

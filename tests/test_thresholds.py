@@ -139,7 +139,9 @@ def test_stop_rule_reaches_a_calibrated_el_of_zero():
 
 
 def test_explicit_dests():
-    p = trainer.build_parser()
+    from icu.trainer import build_parser
+
+    p = build_parser()
     assert explicit_dests(p, ["--acc", "0.5994", "--el=0.1", "--overwrite"]) == {"acc", "el", "overwrite"}
     assert explicit_dests(p, []) == set()
 
@@ -226,7 +228,7 @@ def test_bad_unseen_input_exits_2_and_keeps_outputs(toy_world, tmp_path, capsys)
     cases = {
         "int32": (rows[held[:4]].astype(np.int32), "dtype int32"),
         "short": (rows[held[:4], :100], "shape (4, 100)"),
-        "oov": (oov, "token id 60000 is out of the vocabulary"),
+        "oov": (oov, "row 1 holds token id 60000 (column 7), out of the vocabulary"),
         "shared": (rows[held[:8]], "2 of 8 unseen rows equal rows of the forget set exp0"),
     }
     for name, (arr, match) in cases.items():
