@@ -10,12 +10,12 @@ from __future__ import annotations
 from icu.cli import resolve_device
 from icu.engine import TorchEngine
 from icu.errors import exit_on_user_error
-from icu.trainer import build_parser, run_training
+from icu.trainer import parse_args, run_training
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = build_parser(distributed=False).parse_args(argv)
+    args = parse_args(argv, distributed=False)
     device = resolve_device(args.device)
     run_training(args, lambda model: TorchEngine(model, args.lr, device), device)
 

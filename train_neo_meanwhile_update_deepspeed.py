@@ -16,11 +16,11 @@ import os
 import sys
 
 from icu.errors import EXIT_USAGE, IcuError
-from icu.trainer import build_parser, run_training
+from icu.trainer import parse_args, run_training
 
 
 def main(argv=None) -> None:
-    args = build_parser(distributed=True).parse_args(argv)
+    args = parse_args(argv, distributed=True)
     from icu.ds_config import build_ds_config
     from icu.engine import (DeepSpeedEngine, agree_on_error, check_deepspeed_checkpoint,
                             init_deepspeed_distributed, shutdown_distributed)

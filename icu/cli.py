@@ -7,10 +7,12 @@ Flag names follow the reference scripts so the paper's commands run unchanged; f
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
-from typing import Optional
+from dataclasses import field, fields
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -50,6 +52,63 @@ def add_runtime_args(p: argparse.ArgumentParser, with_device: bool = True) -> No
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--dir", default="result/test", help="output folder")
+
+
+def setting(default: Any, help: str, *, flag: Optional[str] = None,
+            parse: Optional[Callable[[Any], Any]] = None, **argparse_kw) -> Any:
+    """A dataclass field that is also a command-line option: its default and help are written
+    once, here. ``flag`` names the option when it differs from the field (``--el_n`` for
+    ``el_ns``); ``parse`` turns the parsed flag value into the field's value (raising IcuError);
+    the rest goes to ``add_argument`` (type defaults to the default's type)."""
+    meta = {"help": help, "flag": flag, "parse": parse, "argparse": argparse_kw}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple (immutable) default for a setting")
+    return field(default=default, metadata=meta)
+
+
+def add_settings_args(group, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per :func:`setting` field of the dataclass ``cls`` (not in ``skip``)."""
+    for f in fields(cls):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        meta = f.metadata
+        kw = dict(meta["argparse"])
+        default = f.default
+        if isinstance(default, tuple):  # the flag holds a comma-separated list
+            default = ",".join(map(str, default))
+        if isinstance(default, bool) and "action" not in kw:
+            kw["action"] = "store_true"
+        elif "type" not in kw and default is not None and not isinstance(default, str):
+            kw["type"] = type(default)
+        group.add_argument(f"--{meta['flag'] or f.name}", default=default, help=meta["help"], **kw)
+
+
+def settings_from_args(cls, args: argparse.Namespace, **overrides):
+    """An instance of the dataclass ``cls`` from ``args``: each field takes the flag of its name
+    (or its :func:`setting` ``flag``) when ``args`` has one, parsed; else its default."""
+    values = {}
+    for f in fields(cls):
+        name = f.metadata.get("flag") or f.name
+        if f.name in overrides or not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        parse = f.metadata.get("parse")
+        values[f.name] = parse(value) if parse is not None else value
+    values.update(overrides)
+    return cls(**values)
+
+
+def parse_int_list(value: Any, flag: str) -> tuple[int, ...]:
+    """``"10,20"`` -> (10, 20): positive integers, at least one, else IcuError naming ``flag``."""
+    if isinstance(value, tuple):
+        return value
+    try:
+        out = tuple(int(x) for x in str(value).split(",") if x.strip())
+    except ValueError:
+        raise IcuError(f"--{flag} must be comma-separated integers (got {value!r})") from None
+    if not out or min(out) < 1:
+        raise IcuError(f"--{flag} needs positive integers (got {value!r})")
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,3 +157,19 @@ def setup_logging(log_file: Optional[str] = None, rank: int = 0) -> logging.Logg
         logger.addHandler(fh)
     logger.propagate = False
     return logger
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> set[str]:
+    """The ``dest`` of every option given explicitly in ``argv`` (default: ``sys.argv[1:]``).
+
+    ``argv`` is parsed again by a copy of ``parser`` whose defaults are all suppressed, so only
+    what the command line itself set lands in the namespace. A flag given with its default value
+    still counts as explicit ("explicit flag wins").
+    """
+    shadow = copy.deepcopy(parser)
+    shadow._defaults.clear()  # set_defaults() values would otherwise look explicit
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    ns, _ = shadow.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    return set(vars(ns))

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -23,6 +24,15 @@ DS_INFO = "deepspeed.json"  # world size and ZeRO stage the checkpoint was writt
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s sample order (the same for every engine)."""
     return seed * 100003 + epoch
+
+
+@dataclass
+class StepShare:
+    """This rank's part of one training step (see :meth:`Engine.plan_step`)."""
+
+    keep: torch.Tensor  # (B,) bool: the batch rows this rank computes its loss on
+    share: float  # this rank's fraction of the step's samples over all ranks (0: placeholder)
+    scale: float  # factor on this rank's mean loss (1 on one device, 0 for a placeholder)
 
 
 class Engine:
@@ -50,6 +60,27 @@ class Engine:
     def unwrapped(self) -> torch.nn.Module:
         """The plain HF model (for evaluation, generation and save_pretrained)."""
         raise NotImplementedError
+
+    def plan_step(self, keep: torch.Tensor) -> Optional[StepShare]:
+        """Agree with the other ranks on one step over the batch rows ``keep`` marks (B,) bool.
+
+        None when no rank has a row to train on (the step is skipped everywhere). DeepSpeed
+        averages gradients over ranks, so scaling each rank's mean loss by W * share makes the
+        update the gradient of the mean over all the step's rows, as one device with batch
+        W x B would take, also when ranks hold different numbers of rows. A rank without rows
+        joins the gradient all-reduce with a zero-weight loss on one row, so the collectives
+        stay matched.
+        """
+        n_local = int(keep.sum())
+        n_global = int(round(self.all_reduce_sum(n_local)))  # one all-reduce
+        if n_global == 0:
+            return None
+        if n_local == 0:
+            placeholder = torch.zeros_like(keep)
+            placeholder[0] = True
+            return StepShare(placeholder, 0.0, 0.0)
+        share = n_local / n_global
+        return StepShare(keep, share, share * self.world_size if self.world_size > 1 else 1.0)
 
     # -- data
     def sampler(self, dataset, seed: int, epoch: int):

@@ -1,7 +1,10 @@
-"""The iterative ICU loop, engine-agnostic (ICU_SPEC.md, "Loss", "Validation", stop rule).
+"""The iterative unlearning loop, engine- and method-agnostic (README, "Methods").
 
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
         MA < acc and some EL_n < el, or no sample is flagged, or --max_epochs.
+
+The loss of a step is the method's (icu/methods/); with ``--refine off`` every pair trains
+every epoch and only the MA/EL rule (or --max_epochs) stops the run.
 
 Validation is sharded over ranks: each rank evaluates validation batches rank, rank+W, ... of
 the forget set (see :func:`shard_indices`), the per-sample rows are gathered, and every rank
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,15 +29,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import EncodedSet, PairedDataset
+from .cli import parse_int_list, setting
+from .data import PairedDataset
 from .engine import Engine, load_pickle, save_pickle
-from .losses import icu_loss, kl_term, lm_loss
-from .report import SCORE_COLUMNS, plot_history, write_csv, write_json
+from .methods import METHOD_NAMES, StepBatch, get_method
+from .report import SCORE_COLUMNS, write_epoch_csv, write_history_files, write_json
 
 logger = logging.getLogger("icu")
 
-EPOCH_CSV_COLUMNS = ("id", "diff", "entropy", "bleu", "P", "R", "F1", "candidate", "reference")
 CHECKPOINT = "checkpoint"
+REFINE_MODES = ("update", "off")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,25 +47,38 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class LoopConfig:
+    """The run's settings. Each :func:`setting` field is also a trainer flag (same name, this
+    default, this help): the one place they are declared. exp, model_name, dir, target_length,
+    batch_size and num_workers come from the shared data/model/runtime flags."""
+
     exp: str
     model_name: str
     dir: str
-    lr: float = 5e-6
-    uw: float = 1.0
-    lw: float = 0.5
-    kl: float = 1.0
-    f1: float = 0.3
-    bleu: float = 0.01
-    acc: float = 0.5994
-    el: float = 0.0499
-    el_ns: tuple[int, ...] = (10,)
+    method: str = setting("icu", f"unlearning method: {', '.join(METHOD_NAMES)} (README, Methods)")
+    refine: str = setting("update", "update: train only the samples the last validation flagged "
+                          "(iterative refinement); off: every sample, every epoch",
+                          choices=REFINE_MODES)
+    lr: float = setting(5e-6, "Adam learning rate")
+    uw: float = setting(1.0, "weight of the unlearn (ascent) term")
+    lw: float = setting(0.5, "weight of the learn (NLL) term (npo, simnpo: default 0)")
+    kl: float = setting(1.0, "weight of the KL term (npo: default 0)")
+    beta: float = setting(0.1, "inverse temperature of npo / simnpo")
+    gamma: float = setting(0.0, "margin of simnpo")
+    f1: float = setting(0.3, "BERTScore F1 threshold of the flag rule")
+    bleu: float = setting(0.01, "BLEU threshold of the flag rule")
+    acc: float = setting(0.5994, "MA threshold of the stop rule")
+    el: float = setting(0.0499, "EL threshold of the stop rule")
+    el_ns: tuple[int, ...] = setting((10,), "comma-separated n of EL_n (stop when any is below --el)",
+                                     flag="el_n", parse=lambda v: parse_int_list(v, "el_n"), type=str)
     target_length: int = 200
     batch_size: int = 8
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = setting(None, "validation batch (default --batch_size)", type=int)
     num_workers: int = 0
-    max_epochs: int = 50
-    seed: int = 42
-    kl_mode: str = "frozen"  # "frozen": p0 from a frozen copy on the fly; "cached": N x L x V cache
+    max_epochs: int = setting(50, "stop after this many epochs")
+    seed: int = setting(42, "seed of the sample order and of everything random")
+    kl_mode: str = setting("frozen", "frozen: original model's p0 on the fly from a frozen copy "
+                           "(memory does not grow with N); cached: the reference's precomputed "
+                           "N x L x V table", choices=("frozen", "cached"))
     save_model: bool = True
 
     @property
@@ -118,9 +136,11 @@ def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[i
     return [i for s in starts for i in range(s, min(s + batch_size, n))]
 
 
-def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_thr: float) -> Optional[str]:
-    """The reference's stop rule: no sample flagged, or MA < acc and any EL_n < el."""
-    if n_flagged == 0:
+def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_thr: float,
+                refine: bool = True) -> Optional[str]:
+    """The reference's stop rule: no sample flagged, or MA < acc and any EL_n < el. Without
+    iterative refinement (``refine`` False) the flags do not steer training, so only MA/EL stop."""
+    if refine and n_flagged == 0:
         return "no sample is flagged any more"
     if ma < acc and any(v < el_thr for v in el.values()):
         return f"MA {ma:.4f} < {acc} and EL {min(el.values()):.4f} < {el_thr}"
@@ -128,7 +148,10 @@ def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_
 
 
 def final_model_dir(cfg: LoopConfig, epoch: int) -> str:
-    """``{dir}/{model_name}_{exp}_lr{lr}_uw{uw}_lw{lw}_kl{kl}_epoch{E}_updateboth``.
+    """ICU with refinement keeps the reference's name,
+    ``{dir}/{model_name}_{exp}_lr{lr}_uw{uw}_lw{lw}_kl{kl}_epoch{E}_updateboth``; any other
+    method or ``--refine off`` gives ``{model_name}_{exp}_{method}_lr{lr}_{hp}{value}..._epoch{E}_refine{mode}``
+    with the hyper-parameters the method uses.
 
     A hub id keeps its slash (as the reference's path does); a local path contributes only its
     last component, so ``--model_name /data/models/neo`` does not nest the whole path.
@@ -136,14 +159,26 @@ def final_model_dir(cfg: LoopConfig, epoch: int) -> str:
     name = cfg.model_name.rstrip("/")
     if os.path.isdir(name) or os.path.isabs(name):
         name = os.path.basename(name)
-    return os.path.join(
-        cfg.dir,
-        f"{name}_{cfg.exp}_lr{cfg.lr}_uw{cfg.uw}_lw{cfg.lw}_kl{cfg.kl}_epoch{epoch}_updateboth",
-    )
+    if cfg.method == "icu" and cfg.refine == "update":
+        leaf = f"{cfg.exp}_lr{cfg.lr}_uw{cfg.uw}_lw{cfg.lw}_kl{cfg.kl}_epoch{epoch}_updateboth"
+    else:
+        hps = "".join(f"_{k}{getattr(cfg, k)}" for k in get_method(cfg.method).uses)
+        leaf = f"{cfg.exp}_{cfg.method}_lr{cfg.lr}{hps}_epoch{epoch}_refine{cfg.refine}"
+    return os.path.join(cfg.dir, f"{name}_{leaf}")
+
+
+_MODEL_DIR_END = re.compile(r"_epoch\d+_(updateboth|refine(" + "|".join(REFINE_MODES) + r"))$")
+
+
+def is_final_model_dir(name: str) -> bool:
+    """Whether a folder name is one :func:`final_model_dir` makes (for --overwrite's cleanup)."""
+    return bool(_MODEL_DIR_END.search(name))
 
 
 class ICULoop:
-    """Runs ICU on one engine. Build it, then call :meth:`run`."""
+    """Runs the iterative loop with ``cfg.method``'s loss on one engine. Build it, then call
+    :meth:`run`. ``reference_model`` is the frozen original model, or None when the method does
+    not need it (``method.needs_reference(cfg)``)."""
 
     def __init__(
         self,
@@ -166,6 +201,7 @@ class ICULoop:
         self.reference_model = reference_model
         self.scorer = scorer
         self.run_info = run_info or {}
+        self.method = get_method(cfg.method)
         self.state = LoopState()
         self.kl_cache: Optional[torch.Tensor] = None
         self.ckpt_dir = os.path.join(cfg.dir, CHECKPOINT)
@@ -228,8 +264,7 @@ class ICULoop:
         self.state.flags = v.flags
         self.state.epoch = epoch
         if self.engine.is_main:
-            extra = [c for c in v.per_sample.columns if c not in EPOCH_CSV_COLUMNS]
-            write_csv(os.path.join(cfg.dir, f"epoch{epoch}.csv"), v.per_sample[list(EPOCH_CSV_COLUMNS) + extra])
+            write_epoch_csv(cfg.dir, epoch, v.per_sample)
             self.write_history_files()
         logger.info(
             "epoch %d: val_loss %.4f  MA %.4f  %s  BLEU %.4f  F1 %.4f  flagged %d/%d  (validation %.1f s)",
@@ -239,17 +274,13 @@ class ICULoop:
         return row
 
     def write_history_files(self) -> None:
-        cfg, hist = self.cfg, self.state.history
-        df = pd.DataFrame(hist)
-        write_csv(os.path.join(cfg.dir, "valid.csv"), df[["epoch", "val_loss", "acc", *cfg.el_keys]])
-        write_csv(os.path.join(cfg.dir, "score.csv"), df[["epoch", *SCORE_COLUMNS]])
-        write_csv(os.path.join(cfg.dir, "history.csv"), df)
-        plot_history(
-            hist,
-            {"acc": cfg.acc, "el": cfg.el, "bleu": cfg.bleu, "f1": cfg.f1},
-            os.path.join(cfg.dir, "metrics.png"),
-            el_key=cfg.el_keys[0],
-        )
+        cfg = self.cfg
+        thresholds = {"acc": cfg.acc, "el": cfg.el, "bleu": cfg.bleu, "f1": cfg.f1}
+        write_history_files(cfg.dir, self.state.history, cfg.el_keys, thresholds)
+
+    def stop_reason(self, ma: float, el: dict[str, float], n_flagged: int) -> Optional[str]:
+        cfg = self.cfg
+        return stop_reason(ma, el, n_flagged, cfg.acc, cfg.el, refine=cfg.refine == "update")
 
     # ------------------------------------------------------------------ training
 
@@ -271,71 +302,63 @@ class ICULoop:
         with torch.no_grad():
             return torch.softmax(self.reference_model(input_ids=ids, attention_mask=mask).logits.float(), -1)
 
+    def train_flags(self) -> torch.Tensor:
+        """Which pairs train this epoch (N,): the last validation's flags, or all with --refine off."""
+        if self.cfg.refine == "off":
+            return torch.ones(len(self.dataset), dtype=torch.long)
+        return torch.tensor(np.asarray(self.state.flags), dtype=torch.long)
+
+    def step_batch(self, b: dict[str, torch.Tensor]) -> StepBatch:
+        """The method's view of one step: forwards on demand, the original model if it has one."""
+        module, ref = self.engine.module, self.reference_model
+        forward = lambda ids, mask: module(input_ids=ids, attention_mask=mask).logits
+        reference = learn_probs = None
+        if ref is not None:
+            reference = lambda ids, mask: ref(input_ids=ids, attention_mask=mask).logits
+        if ref is not None or self.kl_cache is not None:
+            learn_probs = lambda: self.reference_probs(b["index"].cpu(), b["learn_input_ids"], b["learn_attention_mask"])
+        return StepBatch(b, forward, learn_allowed=self.method.needs_learn(self.cfg),
+                         reference=reference, reference_learn_probs=learn_probs)
+
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the shuffled pairs; unflagged samples are dropped from each batch."""
+        """One pass over the shuffled pairs; samples not training this epoch leave each batch."""
         eng, cfg = self.engine, self.cfg
         eng.train()
-        flags = torch.tensor(np.asarray(self.state.flags), dtype=torch.long)
+        flags = self.train_flags()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=eng.sampler(self.dataset, cfg.seed, epoch),
             num_workers=cfg.num_workers,
         )
-        sums = {"unlearn": 0.0, "learn": 0.0, "kl": 0.0}
+        sums: dict[str, float] = {}
         steps = skipped = 0
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not eng.is_main, dynamic_ncols=True)
         for batch in bar:
-            keep = flags[batch["index"]] == 1
-            n_local = int(keep.sum())
-            local_work = n_local > 0
-            # The flagged samples of this step on all ranks together (one all-reduce).
-            n_global = int(round(eng.all_reduce_sum(n_local)))
-            if n_global == 0:
+            plan = eng.plan_step(flags[batch["index"]] == 1)
+            if plan is None:
                 skipped += 1  # every sample of this batch (on every rank) is already forgotten
                 continue
-            # This rank's share of the step. DeepSpeed averages gradients over ranks, so
-            # scaling each rank's mean loss by W * share makes the update the gradient of the
-            # mean over all flagged samples of the step, as one device with batch W x B would
-            # take, also when flags leave the ranks with different numbers of samples.
-            share = n_local / n_global
-            if not local_work:
-                # Another rank has work: join its gradient all-reduce with a zero-weight loss on
-                # one sample, so the collectives stay matched.
-                keep = torch.zeros_like(keep)
-                keep[0] = True
-            b = {k: v[keep].to(eng.device) for k, v in batch.items()}
-            u_logits = eng.module(input_ids=b["unlearn_input_ids"], attention_mask=b["unlearn_attention_mask"]).logits
-            l_logits = eng.module(input_ids=b["learn_input_ids"], attention_mask=b["learn_attention_mask"]).logits
-            l_unlearn = lm_loss(u_logits, b["unlearn_labels"])
-            l_learn = lm_loss(l_logits, b["learn_labels"])
-            if cfg.kl != 0:
-                p0 = self.reference_probs(b["index"].cpu(), b["learn_input_ids"], b["learn_attention_mask"])
-                l_kl = kl_term(l_logits, p0)
-            else:
-                l_kl = torch.zeros((), device=l_logits.device)
-            loss = icu_loss(l_unlearn, l_learn, l_kl, cfg.uw, cfg.lw, cfg.kl)
-            if not local_work:
-                loss = loss * 0.0
-            elif eng.world_size > 1:
-                loss = loss * (share * eng.world_size)
+            b = {k: v[plan.keep].to(eng.device) for k, v in batch.items()}
+            loss, terms = self.method.loss(self.step_batch(b), cfg)
+            if plan.scale != 1.0:
+                loss = loss * plan.scale
             if eng.any_rank(not bool(torch.isfinite(loss).item())):
                 raise NonFiniteLoss(
                     f"the loss became non-finite at epoch {epoch}, step {steps + 1} "
-                    f"(unlearn {l_unlearn.item():.4g}, learn {l_learn.item():.4g}, kl {l_kl.item():.4g})"
+                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())})"
                 )
             eng.backward(loss)
             eng.step()
             steps += 1
             # Weighted by the share, the sums over ranks are the step's means over all its
-            # flagged samples (share is 1 on one device, 0 for a rank's placeholder sample).
-            sums["unlearn"] += share * l_unlearn.item()
-            sums["learn"] += share * l_learn.item()
-            sums["kl"] += share * l_kl.item()
-            bar.set_postfix(unlearn=f"{l_unlearn.item():.3f}", learn=f"{l_learn.item():.3f}", kl=f"{l_kl.item():.3f}")
+            # samples (share is 1 on one device, 0 for a rank's placeholder sample).
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + plan.share * v.item()
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()})
         bar.close()
-        if eng.world_size > 1:
-            sums = {k: eng.all_reduce_sum(v) for k, v in sums.items()}
-        stats = {f"loss_{k}": (v / steps if steps else float("nan")) for k, v in sums.items()}
+        if eng.world_size > 1:  # the same keys on every rank: the method and its weights agree
+            sums = {k: eng.all_reduce_sum(sums[k]) for k in self.method.terms if k in sums}
+        stats = {f"loss_{k}": (sums[k] / steps if steps and k in sums else float("nan")) for k in self.method.terms}
         stats.update({"steps": steps, "skipped_batches": skipped, "seconds_train": round(time.time() - t0, 2)})
         return stats
 
@@ -386,16 +409,16 @@ class ICULoop:
         """Validate, train, repeat until the stop rule; save the final model. Returns a summary."""
         cfg = self.cfg
         t0 = time.time()
-        if cfg.kl_mode == "cached" and cfg.kl != 0:
+        if cfg.kl_mode == "cached" and "kl" in self.method.uses and cfg.kl != 0:
             self.build_kl_cache()
         if resume:
             self.load_checkpoint()
             last = self.state.history[-1]
-            reason = stop_reason(last["acc"], {k: last[k] for k in cfg.el_keys}, last["flagged"], cfg.acc, cfg.el)
+            reason = self.stop_reason(last["acc"], {k: last[k] for k in cfg.el_keys}, last["flagged"])
         else:
             v = self.validate(0)
             last = self.record(v, 0, {})
-            reason = stop_reason(v.ma, v.el, int(v.flags.sum()), cfg.acc, cfg.el)
+            reason = self.stop_reason(v.ma, v.el, int(v.flags.sum()))
             self.save_checkpoint()
         while reason is None:
             if self.state.epoch >= cfg.max_epochs:
@@ -405,14 +428,14 @@ class ICULoop:
                 break
             epoch = self.state.epoch + 1
             stats = self.train_epoch(epoch)
+            losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
             logger.info(
-                "epoch %d trained: %d steps (%d batches skipped), losses unlearn %.4f learn %.4f kl %.4f, %.1f s",
-                epoch, stats["steps"], stats["skipped_batches"], stats["loss_unlearn"],
-                stats["loss_learn"], stats["loss_kl"], stats["seconds_train"],
+                "epoch %d trained: %d steps (%d batches skipped), losses %s, %.1f s",
+                epoch, stats["steps"], stats["skipped_batches"], losses, stats["seconds_train"],
             )
             v = self.validate(epoch)
             last = self.record(v, epoch, stats)
-            reason = stop_reason(v.ma, v.el, int(v.flags.sum()), cfg.acc, cfg.el)
+            reason = self.stop_reason(v.ma, v.el, int(v.flags.sum()))
             self.save_checkpoint()
         self.state.stop_reason = reason
         logger.info("stopped after epoch %d: %s", self.state.epoch, reason)

@@ -1,4 +1,6 @@
-"""The three ICU loss terms and their combination (ICU_SPEC.md, "Loss").
+"""Loss terms every method builds from (README, "Methods").
+
+ICU combines three of them:
 
     loss = -uw * L_unlearn + lw * L_learn + kl * L_kl
 
@@ -41,3 +43,28 @@ def icu_loss(
 ) -> torch.Tensor:
     """-uw * L_unlearn + lw * L_learn + kl * L_kl."""
     return -uw * unlearn_loss + lw * learn_loss + kl * kl_loss
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) per sample: the sum over scored tokens (labels shifted by one, -100 ignored)
+    of the token log-probabilities. logits (B, L, V), labels (B, L) -> (B,)."""
+    shifted = logits[:, :-1, :].float().transpose(1, 2)  # (B, V, L-1), cross_entropy's layout
+    nll = F.cross_entropy(shifted, labels[:, 1:], ignore_index=-100, reduction="none")  # (B, L-1)
+    return -nll.sum(-1)
+
+
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """|y| per sample: the number of tokens :func:`sequence_logprob` scores. (B, L) -> (B,)."""
+    return (labels[:, 1:] != -100).sum(-1)
+
+
+def npo_loss(log_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO: mean over samples of (2/beta) * log(1 + exp(beta * log_ratio)), written as
+    -(2/beta) * logsigmoid(-beta * log_ratio) so a large ratio cannot overflow. (B,) -> ()."""
+    return (-(2.0 / beta) * F.logsigmoid(-beta * log_ratio)).mean()
+
+
+def simnpo_loss(mean_logprob: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimNPO: mean over samples of -(2/beta) * logsigmoid(-beta * mean_logprob - gamma), where
+    mean_logprob is log pi(y|x) / |y| (no reference model). (B,) -> ()."""
+    return (-(2.0 / beta) * F.logsigmoid(-beta * mean_logprob - gamma)).mean()

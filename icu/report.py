@@ -16,6 +16,7 @@ import pandas as pd
 from .data import atomic_write_text
 
 SCORE_COLUMNS = ("diff", "entropy", "bleu", "P", "R", "F1")
+EPOCH_CSV_COLUMNS = ("id", "diff", "entropy", "bleu", "P", "R", "F1", "candidate", "reference")
 
 
 def write_csv(path: str, df: pd.DataFrame) -> None:
@@ -24,6 +25,22 @@ def write_csv(path: str, df: pd.DataFrame) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_epoch_csv(directory: str, epoch: int, per_sample: pd.DataFrame) -> None:
+    """``epoch{E}.csv``: the reference's columns first, then ours (flag, ma, el_n, loss ...)."""
+    extra = [c for c in per_sample.columns if c not in EPOCH_CSV_COLUMNS]
+    write_csv(os.path.join(directory, f"epoch{epoch}.csv"), per_sample[list(EPOCH_CSV_COLUMNS) + extra])
+
+
+def write_history_files(directory: str, history: list[dict], el_keys: list[str],
+                        thresholds: dict[str, float]) -> None:
+    """valid.csv and score.csv (the reference's), history.csv (every column) and metrics.png."""
+    df = pd.DataFrame(history)
+    write_csv(os.path.join(directory, "valid.csv"), df[["epoch", "val_loss", "acc", *el_keys]])
+    write_csv(os.path.join(directory, "score.csv"), df[["epoch", *SCORE_COLUMNS]])
+    write_csv(os.path.join(directory, "history.csv"), df)
+    plot_history(history, thresholds, os.path.join(directory, "metrics.png"), el_key=el_keys[0])
 
 
 def versions() -> dict[str, str]:

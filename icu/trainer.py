@@ -21,14 +21,18 @@ from .cli import (
     add_data_args,
     add_model_args,
     add_runtime_args,
+    add_settings_args,
     check_positive,
     check_unit_interval,
+    explicit_dests,
+    settings_from_args,
     setup_logging,
 )
 from .data import PairedDataset, check_vocab, encode_rows, load_experiment
 from .engine import Engine
 from .errors import IcuError
-from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, set_seed
+from .loop import CHECKPOINT, ICULoop, LoopConfig, NonFiniteLoss, is_final_model_dir, set_seed
+from .methods import HYPERPARAMETERS, Method, get_method
 from .models import load_model, load_tokenizer
 from .report import versions, write_json
 
@@ -45,24 +49,10 @@ def build_parser(distributed: bool = False) -> argparse.ArgumentParser:
     add_data_args(p)
     add_model_args(p)
     add_runtime_args(p, with_device=not distributed)
-    g = p.add_argument_group("ICU")
-    g.add_argument("--lr", type=float, default=5e-6, help="Adam learning rate")
-    g.add_argument("--uw", type=float, default=1.0, help="weight of the unlearn (ascent) term")
-    g.add_argument("--lw", type=float, default=0.5, help="weight of the learn (NLL) term")
-    g.add_argument("--kl", type=float, default=1.0, help="weight of the KL term")
-    g.add_argument("--f1", type=float, default=0.3, help="BERTScore F1 threshold of the flag rule")
-    g.add_argument("--bleu", type=float, default=0.01, help="BLEU threshold of the flag rule")
-    g.add_argument("--acc", type=float, default=0.5994, help="MA threshold of the stop rule")
-    g.add_argument("--el", type=float, default=0.0499, help="EL threshold of the stop rule")
-    g.add_argument("--el_n", default="10", help="comma-separated n of EL_n (stop when any is below --el)")
-    g.add_argument("--max_epochs", type=int, default=50, help="stop after this many epochs")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--kl_mode", default="frozen", choices=["frozen", "cached"],
-                   help="frozen: original model's p0 on the fly from a frozen copy (memory does not "
-                        "grow with N); cached: the reference's precomputed N x L x V table")
+    g = p.add_argument_group("method and loop")
+    add_settings_args(g, LoopConfig)
     g.add_argument("--kl_dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="dtype of the frozen KL reference model (default: --dtype)")
-    g.add_argument("--eval_batch_size", type=int, default=None, help="validation batch (default --batch_size)")
+                   help="dtype of the frozen original model (KL / NPO reference; default: --dtype)")
     g.add_argument("--resume", action="store_true", help="continue the run in --dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --dir")
     if distributed:
@@ -71,8 +61,16 @@ def build_parser(distributed: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> list[int]:
-    """Validate flag values; returns the parsed --el_n list."""
+def parse_args(argv: Optional[list[str]] = None, distributed: bool = False) -> argparse.Namespace:
+    """The trainer's flags; ``args.explicit_flags`` lists those the command line set itself."""
+    parser = build_parser(distributed)
+    args = parser.parse_args(argv)
+    args.explicit_flags = sorted(explicit_dests(parser, argv))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate flag values (--el_n is checked when the loop config is built)."""
     check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
     if args.eval_batch_size is not None:
         check_positive(args, "eval_batch_size")
@@ -82,19 +80,40 @@ def check_args(args: argparse.Namespace) -> list[int]:
     for name in ("uw", "lw", "kl"):
         if getattr(args, name) < 0:
             raise IcuError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if not args.beta > 0:
+        raise IcuError(f"--beta must be > 0 (got {args.beta})")
     if args.max_epochs < 0:
         raise IcuError(f"--max_epochs must be >= 0 (got {args.max_epochs})")
     if args.num_workers < 0:
         raise IcuError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if args.resume and args.overwrite:
         raise IcuError("--resume and --overwrite contradict each other; pass one")
-    try:
-        el_ns = [int(x) for x in str(args.el_n).split(",") if x.strip()]
-    except ValueError:
-        raise IcuError(f"--el_n must be comma-separated integers (got {args.el_n!r})") from None
-    if not el_ns or min(el_ns) < 1:
-        raise IcuError(f"--el_n needs positive integers (got {args.el_n!r})")
-    return el_ns
+
+
+def configure_method(args: argparse.Namespace) -> tuple[LoopConfig, Method, list[str]]:
+    """The loop config from the flags, with the method's own defaults for the hyper-parameters
+    not given explicitly; also the explicit hyper-parameters the method ignores."""
+    cfg = settings_from_args(LoopConfig, args)
+    method = get_method(cfg.method)
+    explicit = set(getattr(args, "explicit_flags", ()) or ())
+    for name, value in method.defaults.items():
+        if name not in explicit:
+            setattr(cfg, name, value)
+    ignored = [h for h in HYPERPARAMETERS if h in explicit and h not in method.uses]
+    return cfg, method, ignored
+
+
+def build_reference(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A frozen copy of the ORIGINAL model (also when resuming from a checkpoint)."""
+    if args.resume:
+        reference = load_model(args.model_name, dtype=args.kl_dtype or args.dtype, device=device)
+    else:
+        reference = copy.deepcopy(model)
+        if args.kl_dtype:
+            from .models import parse_dtype
+
+            reference.to(parse_dtype(args.kl_dtype))
+    return reference.eval().requires_grad_(False)
 
 
 def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
@@ -118,7 +137,7 @@ def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
         for name in os.listdir(args.dir):
             path = os.path.join(args.dir, name)
             if name.startswith(CHECKPOINT) or (name.startswith("epoch") and name.endswith(".csv")) or (
-                name.endswith("_updateboth") and os.path.isdir(path)
+                is_final_model_dir(name) and os.path.isdir(path)
             ):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -143,13 +162,15 @@ def run_training(
     engine_name: str = "torch",
     extra_info: Optional[dict] = None,
 ) -> dict:
-    """Set up everything from ``args`` and run the ICU loop on the engine ``make_engine`` builds.
+    """Set up everything from ``args`` and run the loop with ``--method``'s loss on the engine
+    ``make_engine`` builds.
 
     ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
     """
     from .metrics import get_bertscorer
 
-    el_ns = check_args(args)
+    check_args(args)
+    cfg, method, ignored = configure_method(args)
     is_main = rank == 0
     prepare_dir(args, is_main)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -158,7 +179,9 @@ def run_training(
         torch.distributed.barrier()
     os.makedirs(args.dir, exist_ok=True)
     setup_logging(os.path.join(args.dir, "res.log"), rank)
-    logger.info("ICU %s run in %s: %s", engine_name, args.dir, " ".join(sys.argv[1:]))
+    logger.info("%s %s run in %s: %s", cfg.method, engine_name, args.dir, " ".join(sys.argv[1:]))
+    if ignored and is_main:
+        logger.warning("--method %s does not use %s; ignored", cfg.method, ", ".join(f"--{h}" for h in ignored))
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
@@ -167,28 +190,10 @@ def run_training(
     model = load_model(resume_model if args.resume else args.model_name, dtype=args.dtype, device=device)
     dataset = load_pairs(args, tokenizer, gpt2, model.get_input_embeddings().num_embeddings)
 
-    reference = None
-    if args.kl != 0:
-        # The KL target is always the ORIGINAL model, also when resuming from a checkpoint.
-        if args.resume:
-            reference = load_model(args.model_name, dtype=args.kl_dtype or args.dtype, device=device)
-        else:
-            reference = copy.deepcopy(model)
-            if args.kl_dtype:
-                from .models import parse_dtype
-
-                reference.to(parse_dtype(args.kl_dtype))
-        reference.eval().requires_grad_(False)
+    reference = build_reference(args, model, device) if method.needs_reference(cfg) else None
 
     scorer = get_bertscorer(args.bert_name, device)
     engine = make_engine(model)
-    cfg = LoopConfig(
-        exp=args.exp, model_name=args.model_name, dir=args.dir, lr=args.lr, uw=args.uw, lw=args.lw,
-        kl=args.kl, f1=args.f1, bleu=args.bleu, acc=args.acc, el=args.el, el_ns=tuple(el_ns),
-        target_length=args.target_length, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
-        max_epochs=args.max_epochs, seed=args.seed, kl_mode=args.kl_mode,
-    )
     run_info = {
         "args": vars(args),
         "engine": engine_name,
@@ -197,6 +202,10 @@ def run_training(
         "seed": args.seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_samples": len(dataset),
+        "method": cfg.method,
+        "refine": cfg.refine,
+        "hyperparameters": {h: getattr(cfg, h) for h in method.uses},
+        "ignored_flags": ignored,
         **(extra_info or {}),
     }
     if is_main:
@@ -220,7 +229,7 @@ def run_training(
         raise SystemExit(1) from None
     if is_main:
         print(
-            f"ICU stopped after epoch {summary['epochs']}: {summary['stop_reason']}. "
+            f"{'ICU' if cfg.method == 'icu' else cfg.method} stopped after epoch {summary['epochs']}: {summary['stop_reason']}. "
             f"Model: {summary['model_dir']}"
         )
     return summary

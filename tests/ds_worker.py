@@ -8,6 +8,7 @@ ZeRO-3 gathering) is checked in seconds. Each run writes its usual files under `
     killed   DeepSpeed ZeRO-2, interrupted before epoch 2, then resumed from its checkpoint
     zero3    DeepSpeed ZeRO-3, uninterrupted
     single   TorchEngine on rank 0 with batch B x W (the single-device trainer's engine)
+    npo, npo_single   the same pair of runs for a non-ICU method (NPO with learn and KL terms)
 
 and ``OUT/thr.json`` (the evaluator's threshold), ``OUT/uneven.pt`` (one epoch with flags that
 leave the ranks different numbers of samples: DeepSpeed vs single-device weights and losses).
@@ -93,9 +94,9 @@ def ds_config(stage: int, micro: int = MICRO) -> dict:
                                on_cpu=True).config
 
 
-def make_loop(engine, out: str, data, thr: float, batch_size: int, model_for_ref) -> ICULoop:
+def make_loop(engine, out: str, data, thr: float, batch_size: int, model_for_ref, **cfg_kw) -> ICULoop:
     cfg = LoopConfig(exp="exp0", model_name="tiny", dir=out, lr=LR, batch_size=batch_size,
-                     eval_batch_size=3, target_length=LEN, max_epochs=EPOCHS, acc=0.0)
+                     eval_batch_size=3, target_length=LEN, max_epochs=EPOCHS, acc=0.0, **cfg_kw)
     ref = copy.deepcopy(model_for_ref).requires_grad_(False)
     return ICULoop(engine, cfg, tokenizer=None, gpt2_tokenizer=None, dataset=data, reference_model=ref,
                    scorer=None, evaluator=LossFlagEval(thr))
@@ -112,12 +113,12 @@ def main() -> None:
         with open(os.path.join(out, "thr.json"), "w") as fh:
             json.dump({"thr": thr, "world_size": world}, fh)
 
-    def ds_run(name: str, stage: int, model=None, resume: bool = False, kill_at: int = 0):
+    def ds_run(name: str, stage: int, model=None, resume: bool = False, kill_at: int = 0, **cfg_kw):
         model = model or tiny_model()
         original = tiny_model()  # the KL target is always the original model
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)
-        loop = make_loop(DeepSpeedEngine(model, ds_config(stage)), d, data, thr, MICRO, original)
+        loop = make_loop(DeepSpeedEngine(model, ds_config(stage)), d, data, thr, MICRO, original, **cfg_kw)
         if kill_at:
             orig = loop.train_epoch
 
@@ -139,6 +140,8 @@ def main() -> None:
     resumed = GPTNeoForCausalLM.from_pretrained(os.path.join(out, "killed", "checkpoint", "model")).eval()
     ds_run("killed", 2, model=resumed, resume=True)
     ds_run("zero3", 3)
+    npo = dict(method="npo", lw=0.5, kl=1.0)  # every input a method can ask for: ref log-probs, learn, p0
+    ds_run("npo", 2, **npo)
 
     # Uneven flags: step 1 gives rank 0 two flagged samples and rank 1 one; step 2 gives rank 0
     # one and rank 1 none. Only the share weighting makes this the single-device update.
@@ -162,6 +165,10 @@ def main() -> None:
         os.makedirs(d, exist_ok=True)
         model = tiny_model()
         make_loop(TorchEngine(model, LR, torch.device("cpu")), d, data, thr, MICRO * world, tiny_model()).run()
+        d = os.path.join(out, "npo_single")
+        os.makedirs(d, exist_ok=True)
+        make_loop(TorchEngine(tiny_model(), LR, torch.device("cpu")), d, data, thr, MICRO * world, tiny_model(),
+                  **npo).run()
     from icu.engine import shutdown_distributed
 
     shutdown_distributed(barrier=True)

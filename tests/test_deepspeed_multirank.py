@@ -65,7 +65,7 @@ def check(proc: subprocess.CompletedProcess) -> None:
 def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    (path,) = glob.glob(os.path.join(run_dir, "*_updateboth"))
+    (path,) = glob.glob(os.path.join(run_dir, "*_updateboth")) or glob.glob(os.path.join(run_dir, "*_refineupdate"))
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
@@ -97,6 +97,19 @@ def test_two_ranks_zero2_match_single_device(worker):
     # weight by a fraction of lr (1e-3 here). Measured: 3e-6.
     assert max_weight_diff(final_weights(os.path.join(worker, "full")),
                            final_weights(os.path.join(worker, "single"))) < 1e-4
+
+
+def test_npo_two_ranks_match_single_device(worker):
+    """A non-ICU method through the same engine (same tolerance as ICU's test above)."""
+    ds = pd.read_csv(os.path.join(worker, "npo", "history.csv"))
+    single = pd.read_csv(os.path.join(worker, "npo_single", "history.csv"))
+    cols = ["val_loss", "acc", "el_10", "flagged", "loss_npo", "loss_learn", "loss_kl", "steps", "skipped_batches"]
+    assert ds["flagged"].tolist()[0] == 8 and ds["steps"].iloc[1] > 0
+    pd.testing.assert_frame_equal(ds[cols], single[cols], rtol=1e-5, atol=1e-6)
+    assert max_weight_diff(final_weights(os.path.join(worker, "npo")),
+                           final_weights(os.path.join(worker, "npo_single"))) < 1e-4
+    (name,) = [n for n in os.listdir(os.path.join(worker, "npo")) if n.endswith("_refineupdate")]
+    assert "_npo_lr0.001_beta0.1_lw0.5_kl1.0_" in name
 
 
 def test_zero3_matches_zero2(worker):
@@ -275,4 +288,15 @@ def test_missing_config_single_process(tmp_path):
                   "--dir", str(out))
     assert proc.returncode == 2
     assert "error: --deepspeed_config" in proc.stderr and "not found" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_method_on_the_deepspeed_trainer(tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "zero2.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    proc = python("train_neo_meanwhile_update_deepspeed.py", "--deepspeed_config", str(cfg), "--method", "dpo",
+                  "--dir", str(out))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: --method 'dpo' is not known; choose one of: icu, ga, kl, llmu, po, npo, simnpo" in proc.stderr
     assert not out.exists()

@@ -242,7 +242,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, pairs, monkeypatch
     hi = [0.9] * N
     lp = make_loop(tmp_path, pairs, ScriptedEval([{"F1": hi, "bleu": hi, "ma": 0.95, "el": 0.5}]))
     before = {k: v.clone() for k, v in lp.engine.module.state_dict().items()}
-    monkeypatch.setattr(loop_mod, "lm_loss", lambda logits, labels: (logits.sum() * float("nan")))
+    from icu.methods import icu as icu_method
+
+    monkeypatch.setattr(icu_method, "lm_loss", lambda logits, labels: (logits.sum() * float("nan")))
     with pytest.raises(NonFiniteLoss, match="non-finite at epoch 1"):
         lp.run()
     state = loop_mod.load_pickle(os.path.join(tmp_path, "checkpoint", "state.pkl"))
