@@ -65,10 +65,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from icu.comparison import known_methods, run_comparison
-    from icu.comparison.runner import trainer_parser
 
     if args.methods.strip() == "all":
-        args.methods = ",".join(known_methods(trainer_parser(args.trainer)))
+        args.methods = ",".join(known_methods())
     # The log goes into --dir only once the inputs passed their checks (see run_comparison).
     setup_logging(None)
     return run_comparison(args)

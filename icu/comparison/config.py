@@ -85,25 +85,21 @@ def merge_configs(base: MethodConfig, top: MethodConfig) -> MethodConfig:
     return MethodConfig({**base.common, **top.common}, methods)
 
 
-def trainer_methods(parser: argparse.ArgumentParser) -> list[str]:
-    """The methods the trainer accepts: its ``--method`` choices (only ``icu`` before the
-    method registry existed)."""
-    action = _actions(parser).get("method")
-    return list(action.choices) if action is not None and action.choices else ["icu"]
+def trainer_methods() -> list[str]:
+    """The methods the trainers accept (``--method``)."""
+    from ..methods import METHOD_NAMES
+
+    return list(METHOD_NAMES)
 
 
-def has_method_flag(parser: argparse.ArgumentParser) -> bool:
-    return "method" in _actions(parser)
+def known_methods() -> list[str]:
+    return [ORIGINAL, *trainer_methods()]
 
 
-def known_methods(parser: argparse.ArgumentParser) -> list[str]:
-    return [ORIGINAL, *trainer_methods(parser)]
-
-
-def parse_methods(text: str, parser: argparse.ArgumentParser) -> list[str]:
+def parse_methods(text: str) -> list[str]:
     """``"original,ga,icu"`` -> ["original", "ga", "icu"]; IcuError listing the known methods."""
     names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    known = known_methods(parser)
+    known = known_methods()
     if not names:
         raise IcuError(f"--methods is empty; choose from {','.join(known)}")
     unknown = [n for n in names if n not in known]
@@ -151,13 +147,24 @@ def resolve_methods(
     cfg: MethodConfig, methods: Iterable[str], parser: argparse.ArgumentParser, user_file: Optional[str]
 ) -> dict[str, dict[str, Any]]:
     """Checked hyper-parameters of every method to run (``original`` has none)."""
+    from ..methods import HYPERPARAMETERS, get_method
+
     where = f"--config {user_file}" if user_file else f"config {DEFAULT_CONFIG}"
     common = check_section(cfg.common, parser, f"{where} (common)")
+    shared = sorted(set(common) & set(HYPERPARAMETERS))
+    if shared:
+        raise IcuError(f"{where} (common): {', '.join(shared)} belong under methods.<name> (each method "
+                       "reads only its own loss weights)")
     out = {}
     for name in methods:
         if name == ORIGINAL:
             continue
-        out[name] = {**common, **check_section(cfg.methods.get(name, {}), parser, f"{where} (methods.{name})")}
+        section = check_section(cfg.methods.get(name, {}), parser, f"{where} (methods.{name})")
+        unused = sorted(k for k in section if k in HYPERPARAMETERS and k not in get_method(name).uses)
+        if unused:
+            raise IcuError(f"{where} (methods.{name}): {name} does not use {', '.join(unused)} "
+                           f"(it reads {', '.join(get_method(name).uses)}); remove the key")
+        out[name] = {**common, **section}
     return out
 
 
@@ -170,7 +177,7 @@ def load_method_config(
     if not user_file:
         return cfg
     user = read_config_file(user_file)
-    known = set(trainer_methods(parser)) | set(cfg.methods)
+    known = set(trainer_methods()) | set(cfg.methods)
     stray = sorted(set(user.methods) - known)
     if stray:
         raise IcuError(f"--config {user_file}: unknown method section(s) {', '.join(stray)}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import pandas as pd
 from ..cli import setup_logging
 from ..errors import IcuError, check_writable_dir, disk_errors
 from ..report import write_json
-from .config import ORIGINAL, flag_tokens, has_method_flag, load_method_config, parse_methods, resolve_methods
+from .config import ORIGINAL, flag_tokens, load_method_config, parse_methods, resolve_methods
 from .report import write_report
 from .steps import (
     MethodDir,
@@ -113,23 +114,21 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def expected_run_args(args: argparse.Namespace, method: str, params: dict[str, Any], has_method: bool) -> dict:
-    out = {"exp": args.exp, "data_dir": args.data_dir, "model_name": args.model_name,
+def expected_run_args(args: argparse.Namespace, method: str, params: dict[str, Any]) -> dict:
+    return {"method": method, "exp": args.exp, "data_dir": args.data_dir, "model_name": args.model_name,
            "batch_size": args.batch_size, "prefix_length": args.prefix_length,
            "suffix_length": args.suffix_length, "target_length": args.target_length, **params}
-    return {**out, "method": method} if has_method else out
 
 
 def check_existing_runs(args: argparse.Namespace, plan: Plan) -> None:
     """A run already in --dir made with other settings is never reused nor overwritten."""
-    has_method = has_method_flag(plan.parser)
     for method, params in plan.params.items():
         train_dir = MethodDir(os.path.join(args.dir, method)).train
         _, run = train_state(train_dir)
         if not run:
             continue
         old = run.get("args") or {}
-        expected = expected_run_args(args, method, params, has_method)
+        expected = expected_run_args(args, method, params)
         diffs = [f"{k} {old[k]!r} -> {v!r}" for k, v in expected.items() if k in old and not _same(old[k], v)]
         if diffs:
             raise IcuError(
@@ -142,7 +141,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no model run: methods, config, split, model, tasks, held-out rows,
     output folder, earlier runs in it. Raises IcuError; nothing has been written yet."""
     parser = trainer_parser(args.trainer)
-    methods = parse_methods(args.methods, parser)
+    methods = parse_methods(args.methods)
     cfg = load_method_config(args.config, parser)
     params = resolve_methods(cfg, methods, parser, args.config)
     common = cfg.common
@@ -175,8 +174,7 @@ def train(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir) -> d
         mode = {"partial": "resume", "stale": "overwrite", "empty": None}[state]
         if mode == "resume":
             logger.info("%s: resuming the unfinished run in %s", method, md.train)
-        cmd = trainer_command(args, method, flag_tokens(plan.params[method], plan.parser),
-                              has_method_flag(plan.parser), md.train, mode)
+        cmd = trainer_command(args, method, flag_tokens(plan.params[method], plan.parser), md.train, mode)
         failure = check_step(run_step(cmd, md.out_file("train"), method), md.out_file("train"), f"{method}: the trainer")
         if failure:
             return {"failed": failure}
@@ -225,6 +223,8 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
 
 
 def save_row(md: MethodDir, row: dict) -> None:
+    if read_json(md.row_file) == json.loads(json.dumps(row, default=str)):
+        return  # unchanged: a reused method leaves its files untouched
     with disk_errors(md.row_file):
         write_json(md.row_file, row)
 

@@ -141,8 +141,7 @@ def data_flags(args) -> list[str]:
             "--suffix_length", str(args.suffix_length), "--target_length", str(args.target_length)]
 
 
-def trainer_command(args, method: str, flag_list: list[str], has_method_flag: bool, train_dir: str,
-                    mode: Optional[str]) -> list[str]:
+def trainer_command(args, method: str, flag_list: list[str], train_dir: str, mode: Optional[str]) -> list[str]:
     """The trainer's command line: shared flags, then the method's own (they win), then --dir and
     ``mode`` (--resume / --overwrite / None)."""
     if args.trainer == "deepspeed":
@@ -152,9 +151,7 @@ def trainer_command(args, method: str, flag_list: list[str], has_method_flag: bo
         head = [sys.executable, script(TRAINER_SCRIPTS["torch"])]
         device = ["--device", args.device]
     cmd = [*head, *data_flags(args), *model_flags(args, args.model_name, args.tokenizer_name), *device,
-           "--batch_size", str(args.batch_size)]
-    if has_method_flag:
-        cmd += ["--method", method]
+           "--batch_size", str(args.batch_size), "--method", method]
     cmd += [*flag_list, "--dir", train_dir]
     return cmd + ([f"--{mode}"] if mode else [])
 
