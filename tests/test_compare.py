@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compare
-from icu.data import save_set
+from conftest import save_paired_split
 
 OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
 TRAINED = ["icu", "ga"]
@@ -22,13 +22,8 @@ TRAINED = ["icu", "ga"]
 def world(toy_world, tmp_path_factory):
     """4 toy targets paired with same-family neighbours, 8 held-out rows, a tiny config."""
     root = tmp_path_factory.mktemp("cmp")
-    rows = np.load(toy_world["train_file"])
-    targets = np.asarray(toy_world["meta"]["target_ids"][:4])
-    fam = np.asarray(toy_world["meta"]["families"])
-    learn = np.asarray([next(i for i in np.flatnonzero(fam == fam[t]) if i not in targets) for t in targets])
-    save_set(str(root / "data" / "mini" / "unlearn"), rows[targets], targets)
-    save_set(str(root / "data" / "mini" / "learn"), rows[learn], learn)
-    heldout = rows[np.load(toy_world["heldout_ids"])[:8]]
+    save_paired_split(toy_world, root / "data", "mini", 4)
+    heldout = np.load(toy_world["train_file"])[np.load(toy_world["heldout_ids"])[:8]]
     np.save(root / "heldout.npy", heldout)
     methods = {m: {"lr": 3e-4} for m in TRAINED}
     (root / "cfg.json").write_text(json.dumps({"common": {"max_epochs": 1}, "methods": methods}))

@@ -7,6 +7,7 @@ returned between methods and the numbers are exactly the scripts' own.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -78,9 +79,12 @@ def train_state(train_dir: str) -> tuple[str, Optional[dict]]:
         os.path.join(run["model_dir"], "config.json")
     ):
         return "finished", run
-    if os.path.isfile(os.path.join(train_dir, CHECKPOINT, "state.pkl")):
+    # checkpoint*/: a kill while the trainer swapped checkpoints may leave only a .tmp/.old copy,
+    # which --resume recovers
+    ckpts = glob.glob(os.path.join(glob.escape(train_dir), CHECKPOINT + "*"))
+    if any(os.path.isfile(os.path.join(c, "state.pkl")) for c in ckpts):
         return "partial", run
-    if run is not None or os.path.exists(os.path.join(train_dir, CHECKPOINT)):
+    if run is not None or ckpts:
         return "stale", run
     return "empty", None
 
