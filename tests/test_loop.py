@@ -299,3 +299,26 @@ def test_resume_matches_uninterrupted_run(tmp_path, pairs):
     assert a["flagged"].tolist()[0] == N and a["flagged"].tolist()[-1] < N  # flags really moved
     for (name, p), q in zip(full.engine.module.named_parameters(), resumed.engine.module.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_plan_step_gives_each_rank_its_share_and_a_placeholder():
+    """The engine's step bookkeeping on a fake two-rank engine (the other rank holds ``other`` rows)."""
+    from icu.engine import Engine
+
+    class TwoRanks(Engine):
+        world_size = 2
+
+        def __init__(self, other):
+            self.other = other
+
+        def all_reduce_sum(self, value):
+            return value + self.other
+
+    keep = torch.tensor([True, False, True])
+    plan = TwoRanks(other=1).plan_step(keep)
+    assert plan.keep is keep and plan.share == pytest.approx(2 / 3) and plan.scale == pytest.approx(4 / 3)
+    plan = TwoRanks(other=3).plan_step(torch.zeros(3, dtype=torch.bool))
+    assert plan.keep.tolist() == [True, False, False] and plan.share == 0.0 and plan.scale == 0.0
+    assert TwoRanks(other=0).plan_step(torch.zeros(3, dtype=torch.bool)) is None
+    one = Engine().plan_step(keep)  # one device: the loss is left as it is
+    assert one.share == 1.0 and one.scale == 1.0
