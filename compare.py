@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -73,5 +74,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_comparison(args)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds through the running step, which then stops its subprocess as well.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -178,3 +178,24 @@ def test_a_run_with_other_settings_is_not_reused(world, tmp_path, capsys):
     (train / "m" / "config.json").write_text("{}")
     _fails(capsys, _argv(world, out, "original,icu"), "holds a icu run with other settings (lr 0.001 -> 0.0003)")
     assert json.loads((train / "run.json").read_text()) == run
+
+
+def test_an_interrupted_step_stops_its_subprocess(tmp_path, monkeypatch):
+    """compare.py killed mid-step leaves no orphan trainer writing into --dir."""
+    import sys
+
+    from icu.comparison import steps
+
+    pid_file = tmp_path / "pid"
+    child = ("import os, time; open(%r, 'w').write(str(os.getpid())); "
+             "print('2026-01-01 00:00:00,000 INFO epoch 1', flush=True); time.sleep(60)") % str(pid_file)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(steps.logger, "info", lambda msg, *a: interrupt() if a and a[-1] == "epoch 1" else None)
+    with pytest.raises(KeyboardInterrupt):
+        steps.run_step([sys.executable, "-c", child], str(tmp_path / "step.out"), "t")
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+    assert "INFO epoch 1" in (tmp_path / "step.out").read_text()

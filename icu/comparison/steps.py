@@ -101,11 +101,18 @@ def run_step(cmd: list[str], out_file: str, tag: str) -> int:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 encoding="utf-8", errors="replace")
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            shown = _SHOWN.match(line.rstrip())
-            if shown:
-                logger.info("[%s] %s", tag, shown.group(2)[:300])
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                shown = _SHOWN.match(line.rstrip())
+                if shown:
+                    logger.info("[%s] %s", tag, shown.group(2)[:300])
+        except BaseException:
+            # compare.py interrupted or terminated: stop the step too, so no orphan keeps
+            # writing into a folder the next comparison will read (it resumes from the checkpoint)
+            proc.terminate()
+            proc.wait()
+            raise
         return proc.wait()
 
 
