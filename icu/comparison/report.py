@@ -98,9 +98,10 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
     for ax, y_col, thr, title in ((axes[0], el, thresholds["el"], el.upper().replace("_", "")),
                                   (axes[1], "ma", thresholds["acc"], "MA")):
         sub = df[df[x_col].notna() & df[y_col].notna()]
-        ax.scatter(sub[x_col], sub[y_col], color="C0")
-        for _, r in sub.iterrows():
+        for i, (_, r) in enumerate(sub.iterrows()):
+            ax.scatter([r[x_col]], [r[y_col]], color=f"C{i % 10}")
             ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.axhline(thr, ls="--", color="red", alpha=0.7, label=f"stop threshold {thr}")
         ax.set_xlabel(x_label, fontsize=9)
         ax.set_ylabel(f"forget-set {title} (lower = more forgotten)", fontsize=9)

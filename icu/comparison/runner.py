@@ -67,8 +67,11 @@ def check_model(name: str) -> None:
     """The model must load its config (a local folder, or a hub id reachable or cached)."""
     from transformers import AutoConfig
 
+    from ..models import hub_reachable
+
     try:
-        AutoConfig.from_pretrained(name)
+        # only the local cache when the hub is out of reach (no retries on an offline machine)
+        AutoConfig.from_pretrained(name, local_files_only=not (os.path.isdir(name) or hub_reachable()))
     except Exception:  # OSError, ValueError, HFValidationError...: all mean "not loadable"
         where = "folder" if os.path.exists(name) else "model"
         raise IcuError(
@@ -189,14 +192,16 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
     """eval.py, held-out loss and valid.py for ``row['model_dir']``; steps already in ``row``
     for the same model are kept. Updates ``row`` (and row.json) after each step."""
     model_dir = row["model_dir"]
-    if "eval" not in row or not os.path.isfile(os.path.join(md.eval, "unlearn.csv")):
-        what = f"{method}: eval.py"
-        failure = check_step(run_step(eval_command(args, model_dir, tokenizer, md.eval), md.out_file("eval"), method),
-                             md.out_file("eval"), what)
+    cmd = eval_command(args, model_dir, tokenizer, md.eval)
+    # eval.py's outputs are reused only when made by the same command (same model, lengths, EL n)
+    done = "eval" in row and row.get("eval_command", cmd[1:]) == cmd[1:]
+    if not done or not os.path.isfile(os.path.join(md.eval, "unlearn.csv")):
+        failure = check_step(run_step(cmd, md.out_file("eval"), method), md.out_file("eval"), f"{method}: eval.py")
         if failure:
             row["failed"] = failure
             return
         row["eval"] = pd.read_csv(os.path.join(md.eval, "eval.csv")).iloc[0].to_dict()
+        row["eval_command"] = cmd[1:]
         save_row(md, row)
     if plan.heldout is not None and (row.get("heldout") or {}).get("key") != plan.heldout_key:
         from ..cli import resolve_device
@@ -261,15 +266,14 @@ def run_comparison(args: argparse.Namespace) -> int:
     setup_logging(os.path.join(args.dir, "compare.log"))
     logger.info("comparing %s on %s/%s with %s (output %s)", ",".join(plan.methods), args.data_dir,
                 args.exp, args.model_name, args.dir)
-    rows = []
+    rows: list[dict] = []
     t0 = time.time()
     for i, method in enumerate(plan.methods, 1):
         logger.info("== [%d/%d] %s", i, len(plan.methods), method)
         t_method = time.time()
         rows.append(run_method(args, plan, method))
-        write_report(args.dir, rows, plan.tasks, args.el_n, plan.thresholds)
+        table = write_report(args.dir, rows, plan.tasks, args.el_n, plan.thresholds)  # after each method
         logger.info("%s: done in %.1f s", method, time.time() - t_method)
-    table = write_report(args.dir, rows, plan.tasks, args.el_n, plan.thresholds)
     logger.info("comparison finished in %.1f s; wrote %s", time.time() - t0,
                 ", ".join(os.path.join(args.dir, f) for f in ("comparison.csv", "comparison.md", "tradeoff.png",
                                                                  "results.json")))
