@@ -100,7 +100,9 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
         sub = df[df[x_col].notna() & df[y_col].notna()]
         for i, (_, r) in enumerate(sub.iterrows()):
             ax.scatter([r[x_col]], [r[y_col]], color=f"C{i % 10}")
-            ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+            # alternate above/below so neighbouring points keep readable labels
+            ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points",
+                        xytext=(5, 5 if i % 2 == 0 else -13), fontsize=9)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.axhline(thr, ls="--", color="red", alpha=0.7, label=f"stop threshold {thr}")
         ax.set_xlabel(x_label, fontsize=9)

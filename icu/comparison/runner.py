@@ -193,15 +193,16 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
     for the same model are kept. Updates ``row`` (and row.json) after each step."""
     model_dir = row["model_dir"]
     cmd = eval_command(args, model_dir, tokenizer, md.eval)
-    # eval.py's outputs are reused only when made by the same command (same model, lengths, EL n)
-    done = "eval" in row and row.get("eval_command", cmd[1:]) == cmd[1:]
+    # eval.py's outputs are reused only when made with the same settings (model, lengths, EL n...)
+    key = [a for i, a in enumerate(cmd[1:]) if a != "--dir" and cmd[i] != "--dir"]
+    done = "eval" in row and row.get("eval_command", key) == key
     if not done or not os.path.isfile(os.path.join(md.eval, "unlearn.csv")):
         failure = check_step(run_step(cmd, md.out_file("eval"), method), md.out_file("eval"), f"{method}: eval.py")
         if failure:
             row["failed"] = failure
             return
         row["eval"] = pd.read_csv(os.path.join(md.eval, "eval.csv")).iloc[0].to_dict()
-        row["eval_command"] = cmd[1:]
+        row["eval_command"] = key
         save_row(md, row)
     if plan.heldout is not None and (row.get("heldout") or {}).get("key") != plan.heldout_key:
         from ..cli import resolve_device
