@@ -162,7 +162,7 @@ def trainer_command(args, method: str, flag_list: list[str], train_dir: str, mod
         head = [sys.executable, script(TRAINER_SCRIPTS["torch"])]
         device = ["--device", args.device]
     cmd = [*head, *data_flags(args), *model_flags(args, args.model_name, args.tokenizer_name), *device,
-           "--batch_size", str(args.batch_size), "--method", method]
+           "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers), "--method", method]
     cmd += [*flag_list, "--dir", train_dir]
     return cmd + ([f"--{mode}"] if mode else [])
 
