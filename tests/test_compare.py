@@ -199,3 +199,18 @@ def test_an_interrupted_step_stops_its_subprocess(tmp_path, monkeypatch):
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
     assert "INFO epoch 1" in (tmp_path / "step.out").read_text()
+
+
+def test_downstream_tasks_columns_and_mean(world, tmp_path):
+    """--tasks runs valid.py on every model; its numbers and their mean land in the table."""
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "downstream")
+    out = tmp_path / "tasks"
+    argv = _argv(world, out, "original", "--tasks", "piqa,copa", "--task_dir", fixtures)
+    argv.remove("--heldout")
+    argv.remove(str(world["root"] / "heldout.npy"))
+    assert compare.main(argv) == 0
+    row = pd.read_csv(out / "comparison.csv").iloc[0]
+    valid = pd.read_csv(out / "original" / "valid" / "valid_result.csv").iloc[0]
+    assert row["piqa"] == valid["piqa"] and row["copa"] == valid["copa"]
+    assert row["downstream_mean"] == pytest.approx((valid["piqa"] + valid["copa"]) / 2)
+    assert "| copa | piqa | downstream_mean |" in (out / "comparison.md").read_text()
