@@ -17,27 +17,10 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .data import encode_rows, load_train_array
+from .data import load_train_array
 from .errors import IcuError, exit_on_user_error
-from .losses import lm_loss
-from .models import BUILTIN_GPT2, load_model, load_tokenizer
-
-
-@torch.no_grad()
-def mean_lm_loss(model_path: str, rows: np.ndarray, batch_size: int = 16) -> float:
-    """Mean over batches of the causal-LM loss on ``rows`` (encoded as training samples)."""
-    gpt2 = load_tokenizer(BUILTIN_GPT2)
-    tok = load_tokenizer(model_path)
-    model = load_model(model_path)
-    enc = encode_rows(rows, np.arange(len(rows)), gpt2, tok)
-    losses = []
-    for start in range(0, len(rows), batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(input_ids=enc.input_ids[sl], attention_mask=enc.attention_mask[sl]).logits
-        losses.append(lm_loss(logits, enc.labels[sl]).item())
-    return float(np.mean(losses))
+from .heldout import mean_lm_loss
 
 
 def _eval_row(directory: str) -> pd.Series:

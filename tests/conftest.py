@@ -36,6 +36,22 @@ def toy_world() -> dict:
     return {**toy_paths(TOY_DIR), "dir": TOY_DIR, "meta": meta}
 
 
+def save_paired_split(toy_world: dict, root, exp: str, n: int):
+    """Split ``exp`` under ``root``: the first ``n`` toy targets, each paired with a row of its
+    own family (what data_prep's nearest neighbour picks in the toy). Returns the target ids."""
+    import numpy as np
+
+    from icu.data import save_set
+
+    rows = np.load(toy_world["train_file"])
+    targets = np.asarray(toy_world["meta"]["target_ids"][:n])
+    fam = np.asarray(toy_world["meta"]["families"])
+    learn = np.asarray([next(i for i in np.flatnonzero(fam == fam[t]) if i not in targets) for t in targets])
+    save_set(os.path.join(str(root), exp, "unlearn"), rows[targets], targets)
+    save_set(os.path.join(str(root), exp, "learn"), rows[learn], learn)
+    return targets
+
+
 @pytest.fixture(scope="session")
 def gpt2_tok():
     from icu.models import builtin_gpt2_tokenizer

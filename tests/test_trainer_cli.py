@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import train_neo_meanwhile_update as trainer
+from conftest import save_paired_split
 from icu.data import load_set, save_set
 
 OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
@@ -20,12 +21,7 @@ OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-
 def mini_exp(toy_world, tmp_path_factory):
     """8 toy targets paired with 8 of their data_prep-style neighbours (same family)."""
     root = tmp_path_factory.mktemp("mini")
-    rows = np.load(toy_world["train_file"])
-    targets = np.asarray(toy_world["meta"]["target_ids"][:8])
-    fam = np.asarray(toy_world["meta"]["families"])
-    learn = np.asarray([next(i for i in np.flatnonzero(fam == fam[t]) if i not in targets) for t in targets])
-    save_set(str(root / "mini" / "unlearn"), rows[targets], targets)
-    save_set(str(root / "mini" / "learn"), rows[learn], learn)
+    save_paired_split(toy_world, root, "mini", 8)
     return root, toy_world["model"]
 
 

@@ -1,0 +1,84 @@
+"""Compare unlearning methods on one split: train each, evaluate every final model the same way,
+and write one table, one trade-off plot and one results.json.
+
+    python compare.py --exp exp0 --data_dir datasets/exp --model_name EleutherAI/gpt-neo-125m \\
+        --methods original,ga,kl,llmu,po,npo,icu --dir result/compare_exp0 \\
+        [--config my.yaml] [--tasks piqa,copa] [--heldout heldout_rows.npy]
+
+Big models: ``--trainer deepspeed --launcher_args "--num_gpus 4"`` runs
+``deepspeed --num_gpus 4 train_neo_meanwhile_update_deepspeed.py ...`` for each method.
+
+Hyper-parameters per method come from config/compare.yaml (the paper's values), with --config on
+top. Writes ``{dir}/comparison.csv``, ``comparison.md``, ``tradeoff.png``, ``results.json``,
+``compare.log`` and per method ``{dir}/{method}/`` (train/, eval/, valid/, row.json, *.out).
+A method already finished in --dir is reused; an unfinished trainer run continues (--resume).
+
+Exit codes: 0 done; 1 a method failed (the others are reported); 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Optional
+
+from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, setup_logging
+from icu.errors import exit_on_user_error
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Compare unlearning methods (train, evaluate, tabulate).")
+    add_data_args(p)
+    add_model_args(p)
+    add_runtime_args(p)
+    p.set_defaults(dir=os.path.join("result", "compare"))
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods: original (the untrained model) and the trainer's "
+                        "--method choices; all = every one of them")
+    p.add_argument("--config", default=None,
+                   help="YAML/JSON hyper-parameters per method, read on top of config/compare.yaml")
+    p.add_argument("--heldout", default=None,
+                   help="(N, 200) uint16 .npy of rows no method trains on: its LM loss per model")
+    p.add_argument("--tasks", default=None, help="valid.py tasks to score every model on (comma-separated)")
+    p.add_argument("--task_dir", default=None, help="valid.py's --data_dir: folder of local task files")
+    p.add_argument("--task_file", action="append", default=[], metavar="TASK=PATH",
+                   help="a local file for one task (valid.py's --task_file); repeatable")
+    p.add_argument("--task_limit", type=int, default=None, help="at most N rows per task")
+    p.add_argument("--el_n", default="10", help="eval.py's extraction-likelihood n, comma-separated")
+    p.add_argument("--eval_batch_size", type=int, default=None,
+                   help="batch of eval.py, valid.py and the held-out loss (default --batch_size)")
+    p.add_argument("--trainer", default="torch", choices=["torch", "deepspeed"],
+                   help="torch: train_neo_meanwhile_update.py; deepspeed: the DeepSpeed trainer "
+                        "through the deepspeed launcher")
+    p.add_argument("--launcher_args", default="",
+                   help='arguments of the deepspeed launcher, e.g. "--num_gpus 4"')
+    args = p.parse_args(argv)
+    check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
+    for name in ("eval_batch_size", "task_limit"):
+        if getattr(args, name) is not None:
+            check_positive(args, name)
+    return args
+
+
+@exit_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from icu.comparison import known_methods, run_comparison
+
+    if args.methods.strip() == "all":
+        args.methods = ",".join(known_methods())
+    # The log goes into --dir only once the inputs passed their checks (see run_comparison).
+    setup_logging(None)
+    return run_comparison(args)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds through the running step, which then stops its subprocess as well.
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.exit(main())
