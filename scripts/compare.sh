@@ -5,7 +5,7 @@
 #
 # Toy settings, all in the open:
 #   per-method lr / weights / max_epochs 15 / batch 8   config/compare_toy.yaml
-#   stop thresholds MA < 0.5994 and EL10 < 0.0499         the paper's (config/compare.yaml)
+#   stop thresholds MA <= 0.5994 and EL10 <= 0.0499       the paper's (config/compare.yaml)
 #   held-out rows: the first 256 of datasets/toy/heldout_ids.npy (rows no method trains on)
 # A killed run resumes where it stopped: run the script again.
 set -euo pipefail
