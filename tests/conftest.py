@@ -1,4 +1,7 @@
-"""Shared fixtures. Tests run offline: HF_HUB_OFFLINE=1 is set before anything imports the hub."""
+"""Shared fixtures: the toy world and splits cut from it, the GPT-2 tokenizer, tiny models (built
+by tests/tiny.py, whose plain functions ds_worker.py also uses), the loop tests' pairs.
+
+Tests run offline: HF_HUB_OFFLINE=1 is set before anything imports the hub."""
 
 from __future__ import annotations
 

@@ -252,6 +252,7 @@ def toy(toy_world, gpt2_tok):
     return {"model": model, "tok": tok, "gpt2": gpt2_tok, "data": data}
 
 
+@pytest.mark.slow
 def test_fast_equals_reference_on_toy_model(toy):
     model, data = toy["model"], toy["data"]
     x = data.input_ids[:4].clone()

@@ -271,7 +271,8 @@ def _assert_same_run(a_dir, b_dir, a_loop, b_loop):
 
 # The checkpoint swap: kill points and the epoch --resume must continue from (the epoch-2 save
 # of a 3-epoch run is interrupted). "write": inside the engine's write of checkpoint.tmp.
-KILL_POINTS = [("write", 1), ("before first rename", 2), ("before second rename", 2), ("before removing old", 2)]
+KILL_POINTS = [("write", 1), pytest.param("before first rename", 2, marks=pytest.mark.slow),
+               ("before second rename", 2), pytest.param("before removing old", 2, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("kill_at, resume_epoch", KILL_POINTS)

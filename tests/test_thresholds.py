@@ -54,6 +54,7 @@ def _reference(toy_world, n_rows, T, start):
 # --------------------------------------------------------------------------- calibration
 
 
+@pytest.mark.slow
 def test_calibration_equals_mean_of_slow_reference(toy_world, tmp_path):
     th, rows = _calibrate(toy_world, tmp_path, "--limit", "3")
     ma, el = _reference(toy_world, 3, 200, 150)
