@@ -203,7 +203,6 @@ def test_model_that_memorized_nothing_has_nothing_to_forget(mini_exp, tiny_lm_di
     assert "nothing to forget" in (tmp_path / "run" / "res.log").read_text()
 
 
-@pytest.mark.slow
 def test_full_disk_is_one_line(mini_exp, tmp_path, capsys):
     """--dir on a 20 MB tmpfs: the epoch-0 checkpoint (a 26 MB model) does not fit."""
     import subprocess
