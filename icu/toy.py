@@ -78,11 +78,15 @@ def build_corpus(seed: int, num_docs: int, family_size: int, tokenizer) -> tuple
     return rows, families
 
 
-def tiny_neo_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, vocab_size: int = 50257):
-    """A GPT-Neo config small enough to train on a CPU (global attention, dropout off)."""
+def tiny_neo_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, vocab_size: int = 50257,
+                    **overrides):
+    """A GPT-Neo config small enough to train on a CPU (global attention, dropout off).
+
+    ``overrides`` replace any other GPTNeoConfig field (tests use local attention, other token ids).
+    """
     from transformers import GPTNeoConfig
 
-    return GPTNeoConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_layers=num_layers,
@@ -98,6 +102,7 @@ def tiny_neo_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int 
         eos_token_id=50256,
         pad_token_id=50256,
     )
+    return GPTNeoConfig(**{**fields, **overrides})
 
 
 @torch.no_grad()

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import compare
-from conftest import save_paired_split
+from conftest import OFFLINE, save_paired_split
 
-OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
 TRAINED = ["icu", "ga"]
 
 
@@ -56,6 +55,7 @@ def _hf_heldout_loss(model_dir, rows):
     return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=enc.labels).loss.item()
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_then_resume(world, tmp_path, capsys):
     out = tmp_path / "cmp"
     first = ["original", TRAINED[0]]
@@ -201,6 +201,7 @@ def test_an_interrupted_step_stops_its_subprocess(tmp_path, monkeypatch):
     assert "INFO epoch 1" in (tmp_path / "step.out").read_text()
 
 
+@pytest.mark.slow
 def test_downstream_tasks_columns_and_mean(world, tmp_path):
     """--tasks runs valid.py on every model; its numbers and their mean land in the table."""
     fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "downstream")

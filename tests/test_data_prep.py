@@ -14,7 +14,7 @@ import pytest
 
 import data_prep
 from conftest import REPO
-from icu.toytext import generate_families
+from tiny import family_rows
 
 OFFLINE = ["--embedder", "builtin:all-MiniLM-L6-v2", "--gpt2_name", "builtin:gpt2"]
 
@@ -23,8 +23,7 @@ OFFLINE = ["--embedder", "builtin:all-MiniLM-L6-v2", "--gpt2_name", "builtin:gpt
 def corpus(tmp_path_factory, gpt2_tok):
     """60 rows in families of 6; row 7's near-duplicate planted at row 50; splits exp0/exp1."""
     root = tmp_path_factory.mktemp("prep")
-    docs = generate_families(60, 6, seed=3, sentences_per_doc=18)
-    rows = np.asarray([gpt2_tok(t)["input_ids"][:200] for _, t in docs], dtype=np.uint16)
+    rows = family_rows(gpt2_tok, 60, 6, seed=3)
     rows[50] = rows[7]
     rows[50, :100] = rows[33, :100]  # a different preprefix; embeddings see only row[100:]
     rows[50, 180] = rows[8, 180]  # and one changed token in the embedded part
@@ -105,6 +104,7 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_and_write_nothing(corpus, tmp_path):
     root, _ = corpus
     r = _cli("--train_file", str(tmp_path / "missing.npy"), "--exp_dir", str(tmp_path))

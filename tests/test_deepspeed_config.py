@@ -15,9 +15,9 @@ import torch
 from icu.ds_config import build_ds_config, load_ds_config, reconcile_ds_config, validate_ds_config
 from icu.engine import DeepSpeedEngine, Engine, TorchEngine, epoch_seed
 from icu.errors import IcuError
-from icu.loop import ICULoop, LoopConfig, shard_indices
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from icu.loop import shard_indices
+from conftest import REPO
+from tiny import make_loop
 
 
 def rec(cfg: dict, **kw):
@@ -279,14 +279,13 @@ def simulated_validation(n, world, eval_batch, f1s):
     import threading
 
     data = SimpleNamespace(unlearn=list(range(n)))
-    cfg = LoopConfig(exp="e", model_name="m", dir="unused", batch_size=2, eval_batch_size=eval_batch)
     slots, sync = [None] * world, threading.Barrier(world, timeout=30)
     results, errors = [None] * world, []
 
     def rank_main(rank):
         try:
-            lp = ICULoop(ThreadRank(rank, world, slots, sync), cfg, tokenizer=None, gpt2_tokenizer=None,
-                         dataset=data, reference_model=None, scorer=None, evaluator=BatchEval(f1s))
+            lp = make_loop("unused", data, BatchEval(f1s), engine=ThreadRank(rank, world, slots, sync),
+                           eval_batch_size=eval_batch)
             results[rank] = lp.validate(0)
         except BaseException as exc:  # surfaced below, in the test's thread
             errors.append(exc)

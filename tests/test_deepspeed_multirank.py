@@ -25,9 +25,11 @@ import pandas as pd
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+from conftest import REPO, save_split
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow  # every test here launches DeepSpeed processes (~10 s each, more the first time)
+
 TIMEOUT = 900
 
 
@@ -158,14 +160,8 @@ def test_files_match_the_single_device_engine(worker):
 @pytest.fixture(scope="module")
 def toy_split(toy_world, tmp_path_factory) -> str:
     """4 toy targets paired with 4 held-out rows (no embedding step needed)."""
-    from icu.data import save_set
-
     root = str(tmp_path_factory.mktemp("ds_data"))
-    rows = np.load(toy_world["train_file"])
-    targets = toy_world["meta"]["target_ids"][:4]
-    held = np.load(toy_world["heldout_ids"])[:4]
-    save_set(os.path.join(root, "mini", "unlearn"), rows[targets], targets)
-    save_set(os.path.join(root, "mini", "learn"), rows[held], held)
+    save_split(toy_world, root, "mini", toy_world["meta"]["target_ids"][:4], np.load(toy_world["heldout_ids"])[:4])
     return root
 
 
@@ -304,10 +300,10 @@ def test_unknown_method_on_the_deepspeed_trainer(tmp_path):
 
 SET_LR_CHECK = """
 import torch
-from tests.ds_worker import ds_config, tiny_model
+from tests.ds_worker import ds_config, tiny_neo
 from icu.engine import DeepSpeedEngine, init_deepspeed_distributed, shutdown_distributed
 init_deepspeed_distributed()
-eng = DeepSpeedEngine(tiny_model(), ds_config(2))
+eng = DeepSpeedEngine(tiny_neo(), ds_config(2))
 x = torch.randint(0, 50257, (2, 8))
 
 def step():

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import valid
 from icu.downstream import EXTRA_COLUMNS, TASK_NAMES, suite
@@ -21,19 +20,6 @@ FAST = ["--device", "cpu", "--batch_size", "4", "--prefix_length", "48", "--suff
         "--max_new_tokens", "4"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, gpt2_tok):
-    from transformers import GPTNeoForCausalLM
-
-    from icu.toy import tiny_neo_config
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tiny_neo"))
-    GPTNeoForCausalLM(tiny_neo_config(hidden_size=32, num_layers=1, num_heads=2)).save_pretrained(path)
-    gpt2_tok.save_pretrained(path)
-    return path
-
-
 def _read_result(out_dir):
     with open(os.path.join(out_dir, "valid_result.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -41,9 +27,9 @@ def _read_result(out_dir):
     return rows[0]
 
 
-def test_all_15_tasks_from_local_files(tiny_model_dir, tmp_path):
+def test_all_15_tasks_from_local_files(tiny_lm_dir, tmp_path):
     out = tmp_path / "run"
-    code = valid.main(["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out), *FAST])
+    code = valid.main(["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out), *FAST])
     assert code == 0
     row = _read_result(out)
     assert list(row) == list(TASK_NAMES) + list(EXTRA_COLUMNS["lambada"])
@@ -54,10 +40,10 @@ def test_all_15_tasks_from_local_files(tiny_model_dir, tmp_path):
     assert "task piqa: 3 examples from" in log and "task pile: pile" in log
 
 
-def test_subset_overrides_and_stride(tiny_model_dir, tmp_path):
+def test_subset_overrides_and_stride(tiny_lm_dir, tmp_path):
     out = tmp_path / "subset"
     code = valid.main([
-        "--model_name", tiny_model_dir, "--tasks", "pile,pubmed_qa,wikitext", "--dir", str(out),
+        "--model_name", tiny_lm_dir, "--tasks", "pile,pubmed_qa,wikitext", "--dir", str(out),
         "--task_file", f"pubmed_qa={os.path.join(FIXTURES, 'hub', 'pubmed_qa.jsonl')}",
         "--task_file", f"pile={os.path.join(FIXTURES, 'pile.csv')}",
         "--task_file", f"wikitext={os.path.join(FIXTURES, 'wikitext.csv')}",
@@ -69,7 +55,7 @@ def test_subset_overrides_and_stride(tiny_model_dir, tmp_path):
     assert "task pubmed_qa: 2 examples" in (out / "valid.log").read_text()
 
 
-def test_a_failing_task_keeps_the_others_and_exits_1(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_failing_task_keeps_the_others_and_exits_1(tiny_lm_dir, tmp_path, monkeypatch, capsys):
     real = suite.evaluate_task
 
     def flaky(data, scorer, **kwargs):
@@ -79,7 +65,7 @@ def test_a_failing_task_keeps_the_others_and_exits_1(tiny_model_dir, tmp_path, m
 
     monkeypatch.setattr(suite, "evaluate_task", flaky)
     out = tmp_path / "failing"
-    code = valid.main(["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out),
+    code = valid.main(["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out),
                        "--tasks", "lambada,copa,piqa", *FAST])
     assert code == 1
     row = _read_result(out)
@@ -118,6 +104,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "--batch_size" in err
 
 
+@pytest.mark.slow
 def test_script_exit_code_and_task_list(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "valid.py", "--tasks", "nope", "--dir", str(tmp_path)],
@@ -136,9 +123,9 @@ def _result_text(out_dir):
     return (out_dir / "valid_result.csv").read_text()
 
 
-def test_rerun_with_fewer_tasks_merges_with_the_earlier_row(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_rerun_with_fewer_tasks_merges_with_the_earlier_row(tiny_lm_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "merge"
-    base = ["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out), *FAST]
+    base = ["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out), *FAST]
     assert valid.main([*base, "--tasks", "lambada,copa,pile"]) == 0
     first = _read_result(out)
     assert valid.main([*base, "--tasks", "copa", "--limit", "1"]) == 0  # copa on 1 example now
@@ -159,12 +146,12 @@ def test_rerun_with_fewer_tasks_merges_with_the_earlier_row(tiny_model_dir, tmp_
     capsys.readouterr()
 
 
-def test_rerun_merges_an_older_file_and_refuses_an_unreadable_one(tiny_model_dir, tmp_path, capsys):
+def test_rerun_merges_an_older_file_and_refuses_an_unreadable_one(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "old"
     out.mkdir()
     # Written before lambada_acc_exact existed, with a column of the user's own.
     (out / "valid_result.csv").write_text("lambada,copa,lambada_loss,lambada_f1,note\n0.5,0.25,3.0,0.4,7\n")
-    assert valid.main(["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out),
+    assert valid.main(["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out),
                        "--tasks", "copa", *FAST]) == 0
     row = _read_result(out)
     assert list(row) == ["lambada", "copa", "lambada_loss", "lambada_f1", "lambada_acc_exact", "note"]
@@ -173,7 +160,7 @@ def test_rerun_merges_an_older_file_and_refuses_an_unreadable_one(tiny_model_dir
     assert row["copa"] != "0.25"
 
     (out / "valid_result.csv").write_text("this is\nnot, a result, file\n")
-    err = _exit_2(["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out),
+    err = _exit_2(["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out),
                    "--tasks", "copa", *FAST], capsys)
     assert "valid_result.csv" in err and "another --dir" in err
     assert (out / "valid_result.csv").read_text() == "this is\nnot, a result, file\n"  # untouched
@@ -186,14 +173,14 @@ def test_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert "--dir" in err and "is a file" in err
 
 
-def test_log_samples_per_example_records(tiny_model_dir, tmp_path, gpt2_tok):
+def test_log_samples_per_example_records(tiny_lm_dir, tmp_path, gpt2_tok):
     from transformers import GPTNeoForCausalLM
 
     from icu.downstream import SequentialScorer, load_tasks, resolve_sources
 
     out = tmp_path / "samples"
     tasks = ["lambada", "copa", "wizard_of_wikipedia", "pile"]
-    assert valid.main(["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out),
+    assert valid.main(["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out),
                        "--tasks", ",".join(tasks), "--log_samples", *FAST]) == 0
     row = {k: float(v) for k, v in _read_result(out).items()}
     recs = {t: [json.loads(line) for line in open(out / f"samples_{t}.jsonl")] for t in tasks}
@@ -205,7 +192,7 @@ def test_log_samples_per_example_records(tiny_model_dir, tmp_path, gpt2_tok):
                and r["correct"] == (r["prediction"] == r["gold"]) for r in copa)
     assert sum(r["correct"] for r in copa) / len(copa) == pytest.approx(row["copa"])
     # the per-choice numbers are the model's: recompute them one pair at a time
-    model = GPTNeoForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = GPTNeoForCausalLM.from_pretrained(tiny_lm_dir).eval()
     slow = SequentialScorer(model, gpt2_tok, prefix_length=48, suffix_length=32)
     for r in copa:
         expected = [s.logprob for s in slow.loglikelihood([(r["context"], c) for c in r["choices"]])]
@@ -239,9 +226,9 @@ def test_help_shows_every_flag_with_its_default():
     assert "unused by valid.py" in text and "--log_samples" in text
 
 
-def test_one_window_warning_for_the_whole_run(tiny_model_dir, tmp_path):
+def test_one_window_warning_for_the_whole_run(tiny_lm_dir, tmp_path):
     out = tmp_path / "window"
-    argv = ["--model_name", tiny_model_dir, "--data_dir", FIXTURES, "--dir", str(out),
+    argv = ["--model_name", tiny_lm_dir, "--data_dir", FIXTURES, "--dir", str(out),
             "--tasks", "lambada,copa,wizard_of_wikipedia,pile", *FAST, "--prefix_length", "512"]
     assert valid.main(argv) == 0
     assert (out / "valid.log").read_text().count("exceeds the model window") == 1

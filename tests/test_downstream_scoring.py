@@ -170,24 +170,14 @@ def test_uniform_model_has_vocabulary_size_perplexity(gpt2_tok):
         assert result.tokens == (n - 1 if stride else sum(len(range(i, min(i + 5, n))) - 1 for i in range(0, n, 5)))
 
 
-@pytest.fixture(scope="module")
-def tiny_neo():
-    from transformers import GPTNeoForCausalLM
-
-    from icu.toy import tiny_neo_config
-
-    torch.manual_seed(0)
-    return GPTNeoForCausalLM(tiny_neo_config(hidden_size=32, num_layers=1, num_heads=2)).eval()
-
-
-def test_perplexity_matches_a_hand_computation(tiny_neo, gpt2_tok):
+def test_perplexity_matches_a_hand_computation(tiny_lm, gpt2_tok):
     texts = [r["text"] for r in json.load(open(os.path.join(FIXTURES, "wizard_of_internet.json")))["text"].values()
              for r in [{"text": " ".join(r)}]]
     ids = gpt2_tok("\n\n".join(texts))["input_ids"]
     length, stride = 16, 6
     with torch.no_grad():
         def chunk_loss(chunk, score_last):
-            logits = tiny_neo(input_ids=torch.tensor([chunk])).logits[0, :-1]
+            logits = tiny_lm(input_ids=torch.tensor([chunk])).logits[0, :-1]
             nll = torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="none")
             return nll[-score_last:].double()
         chunks = [ids[i: i + length] for i in range(0, len(ids), length)]
@@ -201,7 +191,7 @@ def test_perplexity_matches_a_hand_computation(tiny_neo, gpt2_tok):
             if end == len(ids):
                 break
         ref_strided = math.exp(total / count)
-    scorer = BatchedScorer(tiny_neo, gpt2_tok, suffix_length=length, batch_size=3)
+    scorer = BatchedScorer(tiny_lm, gpt2_tok, suffix_length=length, batch_size=3)
     assert scorer.perplexity(texts).ppl == pytest.approx(ref, rel=1e-5)
     assert scorer.perplexity(texts, stride=stride).ppl == pytest.approx(ref_strided, rel=1e-5)
     assert count == len(ids) - 1
@@ -255,11 +245,11 @@ def _per_example(result):
     return out
 
 
-def test_batched_and_one_at_a_time_agree_on_every_example(fixture_tasks, tiny_neo, gpt2_tok):
+def test_batched_and_one_at_a_time_agree_on_every_example(fixture_tasks, tiny_lm, gpt2_tok):
     settings = dict(prefix_length=40, suffix_length=24)  # pubmed contexts are cut: truncation too
-    fast = run_suite(fixture_tasks, BatchedScorer(tiny_neo, gpt2_tok, batch_size=3, **settings),
+    fast = run_suite(fixture_tasks, BatchedScorer(tiny_lm, gpt2_tok, batch_size=3, **settings),
                      max_new_tokens=8)
-    slow = run_suite(fixture_tasks, SequentialScorer(tiny_neo, gpt2_tok, **settings), max_new_tokens=8)
+    slow = run_suite(fixture_tasks, SequentialScorer(tiny_lm, gpt2_tok, **settings), max_new_tokens=8)
     for a, b in zip(fast, slow):
         assert a.error is None and b.error is None
         assert _per_example(a) == _per_example(b), a.name

@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icu.data import save_set
+from conftest import OFFLINE, REPO, save_split
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
 # the reference's columns, by name and in order (evaluation/convert.py reads them), then ours
 UNLEARN_COLUMNS = ["id", "prefix", "reference", "candidate", "bleu", "P", "R", "F1", "diff", "entropy"]
 
@@ -22,10 +20,9 @@ UNLEARN_COLUMNS = ["id", "prefix", "reference", "candidate", "bleu", "P", "R", "
 def splits(toy_world, tmp_path_factory):
     """exp0 = 4 toy targets, exp1 = 3 targets overlapping exp0 by one (no data_prep needed)."""
     root = tmp_path_factory.mktemp("splits")
-    rows = np.load(toy_world["train_file"])
     ids = np.asarray(toy_world["meta"]["target_ids"][:6], dtype=np.int64)
-    save_set(str(root / "exp0" / "unlearn"), rows[ids[:4]], ids[:4])
-    save_set(str(root / "exp1" / "unlearn"), rows[ids[3:]], ids[3:])
+    save_split(toy_world, root, "exp0", ids[:4])
+    save_split(toy_world, root, "exp1", ids[3:])
     return {"root": str(root), "ids": ids, "model": toy_world["model"]}
 
 
@@ -41,6 +38,7 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_outputs(splits, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(REPO, "eval.py"), "--exp", "exp0", "--data_dir", splits["root"],
@@ -104,13 +102,10 @@ def test_empty_split_exits_2(splits, tmp_path, capsys):
 
 
 def test_small_vocabulary_model_exits_2(splits, tmp_path, capsys):
-    from transformers import GPTNeoForCausalLM
+    from tiny import save_tiny_neo
 
-    from icu.toy import tiny_neo_config
-
-    small = tmp_path / "small"
-    GPTNeoForCausalLM(tiny_neo_config(hidden_size=32, num_layers=1, num_heads=2, vocab_size=1000)).save_pretrained(small)
-    code, err = run_main(["--exp", "exp0", "--data_dir", splits["root"], "--model_name", str(small),
+    small = save_tiny_neo(tmp_path / "small", hidden_size=32, vocab_size=1000)
+    code, err = run_main(["--exp", "exp0", "--data_dir", splits["root"], "--model_name", small,
                           "--tokenizer_name", "builtin:gpt2", *OFFLINE, "--dir", str(tmp_path / "out"),
                           "--no_progress"], capsys)
     assert code == 2 and "vocabulary" in err

@@ -23,24 +23,11 @@ from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set
 from icu.metrics import el_prefixes, flag_rule, get_bertscorer, ma_positions
 from fast_paths import greedy_continuations, memorization_and_extraction
 from reference_impl import reference_evaluate, slow_el, slow_ma
+from tiny import decoding_neo
 
 torch.set_num_threads(1)  # tests share 2 cores; one thread is also the fastest for tiny models
 
 PAD = 511
-
-
-def tiny_model(seed: int, vocab: int = 512):
-    """A random 2-layer GPT-Neo with a small vocabulary (global + local attention)."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GPTNeoConfig(
-        vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4,
-        attention_types=[[["global", "local"], 1]], window_size=256, max_position_embeddings=256,
-        intermediate_size=256, resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
-        bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1, initializer_range=0.2,
-    )
-    return GPTNeoForCausalLM(cfg).eval()
 
 
 @torch.no_grad()
@@ -107,7 +94,7 @@ CASES = [
 
 @pytest.mark.parametrize("seed, L, T, start, pads", CASES)
 def test_fast_equals_reference_on_random_models(seed, L, T, start, pads):
-    model = tiny_model(seed)
+    model = decoding_neo(seed)
     x, mask = self_text(model, seed, len(pads), L, pads)
     ns = (1, 3, 10)
     # Also make the model's favourite token the eos, so continuations end early and the
@@ -135,7 +122,7 @@ def test_fast_equals_reference_on_random_models(seed, L, T, start, pads):
 def test_el_counts_every_n_gram_position_of_the_continuation():
     """A model stuck on one token: its continuation is that token repeated; when the label
     holds that token in a run, each generated n-gram position counts (repeats included)."""
-    model = tiny_model(3)
+    model = decoding_neo(3)
     x0 = torch.randint(0, 500, (1, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         fav = int(model(input_ids=x0).logits[0, -1].argmax())
@@ -232,7 +219,7 @@ def test_top_candidates_equal_full_topk_and_logsumexp(vocab_major):
     [(0, 2, 1.0, False), (1, 2, 1.0, False), (2, 3, 0.5, True), (3, 2, 2.0, "never")],
 )
 def test_lean_beam_search_equals_generate(seed, beams, length_penalty, early_stopping):
-    model = tiny_model(seed)
+    model = decoding_neo(seed)
     x, mask = self_text(model, seed, 4, 12, [0, 3, 0, 7], noise=0.5)
     # the model's favourite token as eos, so hypotheses end at different lengths
     fav = int(torch.mode(model(input_ids=x).logits.argmax(-1).flatten()).values)
@@ -265,6 +252,7 @@ def toy(toy_world, gpt2_tok):
     return {"model": model, "tok": tok, "gpt2": gpt2_tok, "data": data}
 
 
+@pytest.mark.slow
 def test_fast_equals_reference_on_toy_model(toy):
     model, data = toy["model"], toy["data"]
     x = data.input_ids[:4].clone()
@@ -370,7 +358,7 @@ def test_bad_input_raises_icu_error(toy):
         evaluate_forget_set(model, tok, gpt2, data, target_length=201, **kw)
     with pytest.raises(IcuError, match="EL_51"):
         evaluate_forget_set(model, tok, gpt2, data, el_ns=(10, 51), **kw)
-    small = tiny_model(0, vocab=1000)
+    small = decoding_neo(0, vocab_size=1000)
     with pytest.raises(IcuError, match="vocabulary"):
         evaluate_forget_set(small, tok, gpt2, data, **kw)
     with pytest.raises(IcuError, match="indices"):

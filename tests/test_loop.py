@@ -11,96 +11,17 @@ import copy
 import json
 import os
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
-from icu import loop as loop_mod
 from icu.checkpoint import load_state
-from icu.data import PairedDataset, encode_rows
-from icu.engine import TorchEngine
 from icu.losses import icu_loss, kl_term, lm_loss
-from icu.loop import ICULoop, LoopConfig, NonFiniteLoss, final_model_dir, stop_reason
-from icu.toy import tiny_neo_config
-from icu.toytext import generate_families
-
-N = 6
-LEN = 24
-
-
-def tiny_model(seed=0):
-    from transformers import GPTNeoForCausalLM
-
-    torch.manual_seed(seed)
-    m = GPTNeoForCausalLM(tiny_neo_config(hidden_size=16, num_layers=1, num_heads=2))
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def pairs(gpt2_tok):
-    docs = generate_families(2 * N, 3, seed=1, sentences_per_doc=18)
-    rows = np.asarray([gpt2_tok(t)["input_ids"][:200] for _, t in docs], dtype=np.uint16)
-    enc = lambda r, ids: encode_rows(r, ids, gpt2_tok, gpt2_tok, prefix_length=LEN, suffix_length=LEN)
-    return PairedDataset(enc(rows[:N], range(N)), enc(rows[N:], range(N, 2 * N)))
-
-
-class ScriptedEval:
-    """Returns the scripted F1/BLEU/MA/EL of validation number k (k = 0, 1, ...)."""
-
-    def __init__(self, script):
-        self.script = script
-        self.calls = 0
-
-    def __call__(self, model, tok, gpt2, data, *, indices, f1, bleu, **kw):
-        s = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        idx = list(indices)
-        f1s, bleus = np.asarray(s["F1"], float)[idx], np.asarray(s["bleu"], float)[idx]
-        df = pd.DataFrame({
-            "id": data.doc_ids[idx].numpy(), "prefix": "p", "reference": "r", "candidate": "c",
-            "bleu": bleus, "P": f1s, "R": f1s, "F1": f1s, "diff": 1.0, "entropy": 1.0,
-            "ma": s["ma"], "el_10": s["el"], "loss": 1.0,
-        })
-        flags = ((f1s >= f1) & (bleus >= bleu)).astype(np.int64)
-        return SimpleNamespace(per_sample=df, flags=flags, loss_sum=2.0, loss_batches=1)
-
-
-class LossEval:
-    """Weights-dependent stand-in: flag = per-sample LM loss below ``thr``; MA = exp(-mean loss)."""
-
-    def __init__(self, thr):
-        self.thr = thr
-
-    @torch.no_grad()
-    def __call__(self, model, tok, gpt2, data, *, indices, **kw):
-        idx = list(indices)
-        was = model.training
-        model.eval()
-        losses = np.asarray([
-            lm_loss(model(input_ids=data.input_ids[i : i + 1]).logits, data.labels[i : i + 1]).item() for i in idx
-        ])
-        model.train(was)
-        f1 = (losses < self.thr).astype(float)
-        df = pd.DataFrame({
-            "id": data.doc_ids[idx].numpy(), "prefix": "p", "reference": "r", "candidate": "c",
-            "bleu": f1, "P": f1, "R": f1, "F1": f1, "diff": 1.0, "entropy": 1.0,
-            "ma": np.exp(-losses), "el_10": np.exp(-losses), "loss": losses,
-        })
-        return SimpleNamespace(per_sample=df, flags=f1.astype(np.int64), loss_sum=float(losses.sum()), loss_batches=len(idx))
-
-
-def make_loop(tmp_path, pairs, evaluator, model=None, **cfg_kw):
-    model = model or tiny_model()
-    ref = copy.deepcopy(model).requires_grad_(False)
-    cfg_kw = {"lr": 1e-3, **cfg_kw}
-    cfg = LoopConfig(exp="exp0", model_name="tiny", dir=str(tmp_path), batch_size=2, target_length=LEN, **cfg_kw)
-    eng = TorchEngine(model, cfg.lr, torch.device("cpu"))
-    return ICULoop(eng, cfg, tokenizer=None, gpt2_tokenizer=None, dataset=pairs, reference_model=ref,
-                   scorer=None, evaluator=evaluator)
+from icu.loop import NonFiniteLoss, final_model_dir, stop_reason
+from tiny import LEN, LossEval, ScriptedEval, make_loop, tiny_neo
+from tiny import N_PAIRS as N
 
 
 # --------------------------------------------------------------------------- loss terms
@@ -134,7 +55,7 @@ def test_loss_terms_match_hand_computation():
 
 def test_train_epoch_uses_only_flagged_samples(tmp_path, pairs):
     """One batch holding all samples, two flagged: the update equals Adam on those two alone."""
-    model = tiny_model()
+    model = tiny_neo()
     manual = copy.deepcopy(model)
     ref = copy.deepcopy(model)
     lp = make_loop(tmp_path, pairs, None, model=model)
@@ -269,7 +190,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, pairs):
     from transformers import GPTNeoForCausalLM
 
     # flag = "loss still below the initial max + 0.03": gradient ascent unflags samples over time
-    init = LossEval(thr=0.0)(tiny_model(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
+    init = LossEval(thr=0.0)(tiny_neo(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
     thr = float(init.max()) + 0.03
 
     def fresh(d, model=None):
@@ -335,7 +256,7 @@ def _checkpoint_model(run_dir):
 
 def _loss_threshold(pairs):
     """Flag = loss below the initial max + 0.03: gradient ascent unflags samples over time."""
-    init = LossEval(thr=0.0)(tiny_model(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
+    init = LossEval(thr=0.0)(tiny_neo(), None, None, pairs.unlearn, indices=range(N)).per_sample["loss"]
     return float(init.max()) + 0.03
 
 
@@ -350,7 +271,8 @@ def _assert_same_run(a_dir, b_dir, a_loop, b_loop):
 
 # The checkpoint swap: kill points and the epoch --resume must continue from (the epoch-2 save
 # of a 3-epoch run is interrupted). "write": inside the engine's write of checkpoint.tmp.
-KILL_POINTS = [("write", 1), ("before first rename", 2), ("before second rename", 2), ("before removing old", 2)]
+KILL_POINTS = [("write", 1), pytest.param("before first rename", 2, marks=pytest.mark.slow),
+               ("before second rename", 2), pytest.param("before removing old", 2, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("kill_at, resume_epoch", KILL_POINTS)

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from icu.engine import TorchEngine, epoch_seed
+from icu.engine import epoch_seed
 from icu.losses import icu_loss, kl_term, lm_loss
 from icu.loop import final_model_dir, is_final_model_dir
 from icu.methods import HYPERPARAMETERS, METHOD_NAMES, Method, StepBatch, get_method
-from test_loop import LEN, N, ScriptedEval, make_loop, pairs, tiny_model  # noqa: F401 (pairs: fixture)
-from test_trainer_cli import OFFLINE, mini_exp  # noqa: F401 (mini_exp: fixture)
+from conftest import OFFLINE
+from tiny import ScriptedEval, make_loop, tiny_neo
+from tiny import N_PAIRS as N
 
 HP = SimpleNamespace(uw=0.7, lw=0.3, kl=1.5, beta=0.4, gamma=0.2)
 
@@ -126,7 +127,7 @@ def test_registry_lists_every_method():
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_loss_matches_hand_computation(name, pairs):
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_neo()
     ref = perturbed(model)  # the frozen model differs, so NPO's ratio is not 1 and KL is not at its minimum
     rows = torch.tensor([1, 4])
     method = get_method(name)
@@ -138,7 +139,7 @@ def test_loss_matches_hand_computation(name, pairs):
 
 
 def test_npo_at_the_reference_is_2_log2_over_beta_and_falls_as_the_likelihood_drops(pairs):
-    model = tiny_model()
+    model = tiny_neo()
     rows = torch.tensor([0, 2, 3])
     hp = SimpleNamespace(uw=1.0, lw=0.0, kl=0.0, beta=0.1, gamma=0.0)
     npo = get_method("npo")
@@ -183,7 +184,7 @@ class ForwardSpy:
 @pytest.mark.parametrize("name", ["ga", "po", "simnpo", "npo"])
 def test_method_without_learn_term_does_no_learn_forward(name, tmp_path, pairs):
     hp = {"lw": 0.0, "kl": 0.0}
-    model = tiny_model()
+    model = tiny_neo()
     lp = make_loop(tmp_path, pairs, None, model=model, method=name, **hp)
     if not get_method(name).needs_reference(lp.cfg):
         lp.reference_model = None  # as the trainer builds it: no frozen model at all
@@ -225,7 +226,7 @@ def old_icu_epoch(opt, model, ref, data, flags, epoch, batch_size=2, seed=42):
 def test_icu_is_bit_identical_to_the_pre_registry_step(tmp_path, pairs):
     """Two epochs of the paper's ICU (different flags each epoch), one Adam across both, against
     the old step written out: every weight equal to the bit."""
-    model, manual = tiny_model(), tiny_model()
+    model, manual = tiny_neo(), tiny_neo()
     ref = copy.deepcopy(manual).requires_grad_(False)
     lp = make_loop(tmp_path, pairs, None, model=model)
     opt = torch.optim.Adam(manual.parameters(), lr=1e-3, betas=(0.9, 0.98))
@@ -354,6 +355,7 @@ def test_unknown_method_exits_2_listing_the_known_ones(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_ga_run_names_the_ignored_flag_and_builds_no_frozen_model(mini_exp, tmp_path, monkeypatch):
     import train_neo_meanwhile_update as trainer
     from icu import trainer as trainer_lib

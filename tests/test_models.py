@@ -9,6 +9,7 @@ import torch
 
 from icu import models
 from icu.errors import IcuError
+from tiny import save_tiny_neo
 
 
 def test_builtin_gpt2_ids():
@@ -73,12 +74,9 @@ def _save(config, tmp_path, cls):
 
 
 def test_dropout_off_gpt_neo(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=2, num_heads=2,
-                       attention_types=[[["global", "local"], 1]], max_position_embeddings=32,
-                       resid_dropout=0.3, embed_dropout=0.3, attention_dropout=0.3)
-    model = models.load_model(_save(cfg, tmp_path, GPTNeoForCausalLM))
+    path = save_tiny_neo(tmp_path, vocab_size=100, num_layers=2, attention_types=[[["global", "local"], 1]],
+                         max_position_embeddings=32, resid_dropout=0.3, embed_dropout=0.3, attention_dropout=0.3)
+    model = models.load_model(path)
     c = model.config
     assert (c.resid_dropout, c.embed_dropout, c.attention_dropout) == (0.0, 0.0, 0.0)
     assert not model.training
@@ -103,11 +101,7 @@ def test_dropout_off_opt_and_gpt2(tmp_path):
 
 
 def test_dtype_option(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
-                       attention_types=[[["global"], 1]], max_position_embeddings=32)
-    path = _save(cfg, tmp_path, GPTNeoForCausalLM)
+    path = save_tiny_neo(tmp_path, vocab_size=100, max_position_embeddings=32)
     assert models.load_model(path, dtype="bf16").dtype == torch.bfloat16
     assert models.load_model(path).dtype == torch.float32
     with pytest.raises(IcuError, match="fp32, bf16, fp16"):
@@ -135,11 +129,7 @@ def test_missing_local_model_folder_says_so(tmp_path):
 
 
 def _tiny_saved(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    cfg = GPTNeoConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
-                       attention_types=[[["global"], 1]], max_position_embeddings=32)
-    return _save(cfg, tmp_path / "m", GPTNeoForCausalLM)
+    return save_tiny_neo(tmp_path / "m", vocab_size=100, max_position_embeddings=32)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled", "missing"])

@@ -4,7 +4,6 @@ definitions, the trainers' --thresholds, and the bad-input paths."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -14,19 +13,19 @@ import torch
 import eval as eval_script
 import train_neo_meanwhile_update as trainer
 from icu.cli import explicit_dests
-from icu.data import encode_rows, save_set
+from conftest import OFFLINE, save_split
+from icu.data import encode_rows
 from icu.errors import IcuError
 from fast_paths import memorization_and_extraction
 from icu.metrics import extraction_likelihood
 from icu.models import load_model, load_tokenizer
 from icu.thresholds import build_thresholds, choose_thresholds, load_thresholds, shared_rows
 from reference_impl import slow_el, slow_ma
-from test_forget_eval import PAD, self_text, tiny_model
-from test_trainer_cli import _args, mini_exp  # noqa: F401  (mini_exp is a fixture)
+from test_forget_eval import PAD, self_text
+from test_trainer_cli import _args
+from tiny import decoding_neo
 
 torch.set_num_threads(1)
-
-OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
 
 
 def _calibrate(toy_world, out, *extra):
@@ -55,6 +54,7 @@ def _reference(toy_world, n_rows, T, start):
 # --------------------------------------------------------------------------- calibration
 
 
+@pytest.mark.slow
 def test_calibration_equals_mean_of_slow_reference(toy_world, tmp_path):
     th, rows = _calibrate(toy_world, tmp_path, "--limit", "3")
     ma, el = _reference(toy_world, 3, 200, 150)
@@ -84,7 +84,7 @@ def test_calibration_with_ku_el_equals_slow_reference(toy_world, tmp_path):
 
 
 def test_fast_el_equals_reference_with_ku_start():
-    model = tiny_model(3)
+    model = decoding_neo(3)
     x, mask = self_text(model, 3, 3, 48, [0, 4, 0])
     ref = slow_el(model, x, mask, 40, (1, 3), PAD, 1)
     _, el = memorization_and_extraction(model, x, mask, 40, (1, 3), start=1, pad_token_id=PAD)
@@ -161,7 +161,8 @@ def _thresholds_file(path, **over):
     return str(path)
 
 
-def test_trainer_uses_thresholds_and_explicit_flags_win(mini_exp, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_trainer_uses_thresholds_and_explicit_flags_win(mini_exp, tmp_path):
     root, model = mini_exp
     f = _thresholds_file(tmp_path / "t.json", model=model)
     trainer.main(_args(root, model, tmp_path / "a", "--max_epochs", "0", "--thresholds", f))
@@ -182,7 +183,7 @@ def test_trainer_uses_thresholds_and_explicit_flags_win(mini_exp, tmp_path):  # 
     assert "--acc 0.7 given on the command line wins over 0.42" in (tmp_path / "b" / "res.log").read_text()
 
 
-def test_trainer_with_ku_thresholds_of_another_model(mini_exp, tmp_path, capsys):  # noqa: F811
+def test_trainer_with_ku_thresholds_of_another_model(mini_exp, tmp_path, capsys):
     root, model = mini_exp
     f = _thresholds_file(tmp_path / "t.json", model="EleutherAI/gpt-neo-125m", el_start=1)
     with pytest.raises(SystemExit) as exc:  # the toy allows 256 positions: KU's EL needs 2T-1-1
@@ -202,7 +203,7 @@ def test_trainer_with_ku_thresholds_of_another_model(mini_exp, tmp_path, capsys)
     ({"ma": 1.5, "el": {"10": 0.03}, "el_start": 150, "f1": 0.3, "bleu": 0.01, "model": "m", "n_rows": 3}, "'ma'"),
     ("not json", "not valid JSON"),
 ])
-def test_malformed_thresholds_file(mini_exp, tmp_path, capsys, content, match):  # noqa: F811
+def test_malformed_thresholds_file(mini_exp, tmp_path, capsys, content, match):
     root, model = mini_exp
     f = tmp_path / "t.json"
     f.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -222,7 +223,7 @@ def test_bad_unseen_input_exits_2_and_keeps_outputs(toy_world, tmp_path, capsys)
     rows = np.load(toy_world["train_file"])
     held = np.load(toy_world["heldout_ids"])
     forget = tmp_path / "data"
-    save_set(str(forget / "exp0" / "unlearn"), rows[held[[2, 5]]], held[[2, 5]])
+    save_split(toy_world, forget, "exp0", held[[2, 5]])
     oov = rows[held[:4]].copy()
     oov[1, 7] = 60000
     cases = {

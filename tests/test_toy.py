@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from icu.toy import build_corpus, build_toy, teacher_forced_ma
@@ -22,6 +23,7 @@ def test_corpus_is_deterministic_and_well_formed(gpt2_tok):
     assert len(text.split()) > 100 and text.count(".") > 5
 
 
+@pytest.mark.slow
 def test_toy_model_memorized_its_targets(toy_world):
     from transformers import GPTNeoForCausalLM
 

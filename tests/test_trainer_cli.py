@@ -6,23 +6,12 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
 import train_neo_meanwhile_update as trainer
-from conftest import save_paired_split
+from conftest import OFFLINE
 from icu.data import load_set, save_set
-
-OFFLINE = ["--gpt2_name", "builtin:gpt2", "--bert_name", "builtin:all-MiniLM-L6-v2", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def mini_exp(toy_world, tmp_path_factory):
-    """8 toy targets paired with 8 of their data_prep-style neighbours (same family)."""
-    root = tmp_path_factory.mktemp("mini")
-    save_paired_split(toy_world, root, "mini", 8)
-    return root, toy_world["model"]
 
 
 def _args(root, model, out, *extra):
@@ -30,6 +19,7 @@ def _args(root, model, out, *extra):
             "--batch_size", "4", "--lr", "3e-4", "--dir", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_run_writes_the_reference_outputs(mini_exp, tmp_path):
     root, model = mini_exp
     trainer.main(_args(root, model, tmp_path / "run", "--max_epochs", "1"))
@@ -49,6 +39,7 @@ def test_run_writes_the_reference_outputs(mini_exp, tmp_path):
     assert "stopping: reached --max_epochs 1" in (out / "res.log").read_text()
 
 
+@pytest.mark.slow
 def test_cli_resume_equals_uninterrupted(mini_exp, tmp_path):
     root, model = mini_exp
     trainer.main(_args(root, model, tmp_path / "full", "--max_epochs", "2"))
@@ -114,6 +105,7 @@ def test_dir_with_another_run_is_refused(mini_exp, tmp_path, capsys):
     _fails(capsys, _args(root, model, tmp_path / "empty", "--resume"), "no checkpoint")
 
 
+@pytest.mark.slow
 def test_resume_lifecycle_refusals_damage_full_disk_and_new_lr(mini_exp, tmp_path, capsys, monkeypatch):
     """A finished run, then resumes: a changed --uw is refused, a damaged optimizer file and a
     full disk end in one line, neither loses the finished run's summary, and a new --lr applies
@@ -200,18 +192,10 @@ def test_wrong_gpt2_tokenizer_is_refused_before_training(mini_exp, tmp_path, cap
     assert not (tmp_path / "out" / "epoch0.csv").exists()
 
 
-def test_model_that_memorized_nothing_has_nothing_to_forget(mini_exp, tmp_path, capsys):
+def test_model_that_memorized_nothing_has_nothing_to_forget(mini_exp, tiny_lm_dir, tmp_path, capsys):
     """A fresh random model knows none of the targets: the stop rule holds at epoch 0."""
-    from transformers import GPTNeoForCausalLM
-
-    from icu.models import load_tokenizer
-    from icu.toy import tiny_neo_config
-
     root, _ = mini_exp
-    blank = tmp_path / "blank"
-    GPTNeoForCausalLM(tiny_neo_config(hidden_size=32, num_layers=1, num_heads=2)).save_pretrained(blank)
-    load_tokenizer("builtin:gpt2").save_pretrained(blank)
-    trainer.main(_args(root, str(blank), tmp_path / "run"))
+    trainer.main(_args(root, tiny_lm_dir, tmp_path / "run"))
     assert "nothing to forget" in capsys.readouterr().out
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["nothing_to_forget"] is True and run["epochs"] == 0 and run["model_dir"] is None
