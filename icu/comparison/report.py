@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..data import atomic_write_text
@@ -79,6 +80,17 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _label_offset(xy: np.ndarray, i: int) -> tuple[int, int, str]:
+    """Where point ``i``'s label goes (offset in points, alignment): with k earlier points within
+    10% of the data's span of it, the k-th level of a stack that alternates above and below, so
+    labels of points that (nearly) coincide land at different heights."""
+    span = np.ptp(xy, axis=0)
+    span[span == 0] = 1.0
+    k = int((np.abs(xy[:i] - xy[i]) / span < 0.10).all(axis=1).sum())
+    level = k // 2 + 1
+    return 5, (5 + 11 * (level - 1)) if k % 2 == 0 else -(2 + 11 * level), "left"
+
+
 def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, float], path: str) -> None:
     """Forget-set EL and MA (y, lower = more forgotten) against general ability (x: held-out
     loss, else the downstream mean), one labelled point per method, the stop thresholds dashed."""
@@ -98,11 +110,12 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
     for ax, y_col, thr, title in ((axes[0], el, thresholds["el"], el.upper().replace("_", "")),
                                   (axes[1], "ma", thresholds["acc"], "MA")):
         sub = df[df[x_col].notna() & df[y_col].notna()]
+        xy = sub[[x_col, y_col]].to_numpy(float)
         for i, (_, r) in enumerate(sub.iterrows()):
             ax.scatter([r[x_col]], [r[y_col]], color=f"C{i % 10}")
-            # alternate above/below so neighbouring points keep readable labels
+            dx, dy, ha = _label_offset(xy, i)
             ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points",
-                        xytext=(5, 5 if i % 2 == 0 else -13), fontsize=9)
+                        xytext=(dx, dy), ha=ha, fontsize=9)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.axhline(thr, ls="--", color="red", alpha=0.7, label=f"stop threshold {thr}")
         ax.set_xlabel(x_label, fontsize=9)
