@@ -132,8 +132,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     # The EL columns say which definition they hold (el_10: ICU's; el_10_from1: KU's).
     el_cols = [el_column(n, args.el_start) for n in args.el_ns]
-    per_sample = res.per_sample.rename(columns={f"el_{n}": c for n, c in zip(args.el_ns, el_cols)})
-    per_sample = per_sample.sort_values("id", kind="stable")
+    per_sample = res.per_sample.sort_values("id", kind="stable")
     summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
     summary.update(val_loss=res.val_loss, ma=res.ma, **{c: res.el[n] for n, c in zip(args.el_ns, el_cols)})
     # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.

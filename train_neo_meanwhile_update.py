@@ -17,7 +17,7 @@ from icu.trainer import parse_args, run_training
 def main(argv=None) -> None:
     args = parse_args(argv, distributed=False)
     device = resolve_device(args.device)
-    run_training(args, lambda model: TorchEngine(model, args.lr, device), device, argv=argv)
+    run_training(args, lambda model: TorchEngine(model, args.lr, device), device)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
         try:
             run_training(args, make_engine, device, rank, engine_name="deepspeed",
-                         extra_info={"deepspeed_config": ds.config, "zero_stage": ds.zero_stage}, argv=argv)
+                         extra_info={"deepspeed_config": ds.config, "zero_stage": ds.zero_stage})
         except IcuError as exc:  # raised on every rank alike (same files, same flags)
             error = str(exc)
         except SystemExit:  # a non-finite loss stops every rank together (exit 1)

@@ -113,7 +113,7 @@ def run_calibration(args: argparse.Namespace, log: logging.Logger, load) -> dict
         el_ns=args.el_ns, el_start=args.el_start, progress=not args.no_progress, desc="calibration",
         gen_batch_size=args.gen_batch_size,
     )
-    df = res.per_sample.rename(columns={f"el_{n}": el_column(n, args.el_start) for n in args.el_ns})
+    df = res.per_sample
     el_cols = [el_column(n, args.el_start) for n in args.el_ns]
     meta = {
         "model": args.model_name,

@@ -47,12 +47,14 @@ _OS_FIXES = {
 }
 
 
+def _os_problem(exc: OSError) -> str:
+    """What went wrong, with the fix when it is a known output-location problem."""
+    return _OS_FIXES.get(exc.errno) or str(exc.strerror or exc)
+
+
 def os_error_message(exc: OSError, what: str) -> str:
     """One line for an OSError met while writing ``what`` (a path or a description)."""
-    fix = _OS_FIXES.get(exc.errno)
-    if fix is None:
-        return f"could not write {what}: {exc.strerror or exc}"
-    return f"could not write {what}: {fix}"
+    return f"could not write {what}: {_os_problem(exc)}"
 
 
 @contextlib.contextmanager
@@ -89,4 +91,4 @@ def check_writable_dir(path: str, flag: str) -> None:
             os.close(fd)
             os.remove(probe)
     except OSError as exc:
-        raise IcuError(f"{flag} {path}: " + os_error_message(exc, "there").split(": ", 1)[1]) from None
+        raise IcuError(f"{flag} {path}: {_os_problem(exc)}") from None

@@ -41,6 +41,7 @@ from .metrics import (
     bleu as bleu_score,
     check_lengths,
     distinct_ratio,
+    el_column,
     flag_rule,
     memorization_accuracy,
     token_entropy,
@@ -95,18 +96,20 @@ def load_forget_set(data_dir: str, exp: str) -> tuple[np.ndarray, np.ndarray]:
 class ForgetEvalResult:
     """Everything one validation pass computed."""
 
-    per_sample: pd.DataFrame  # id, prefix, reference, candidate, bleu, P, R, F1, diff, entropy, ma, el_{n}, loss
+    # id, prefix, reference, candidate, bleu, P, R, F1, diff, entropy, ma, the EL columns, loss
+    per_sample: pd.DataFrame
     flags: np.ndarray  # int64 (N,): 1 iff F1 >= f1 and bleu >= bleu
     val_loss: float  # mean over batches of the batch LM loss
     loss_sum: float
     loss_batches: int
     ma: float  # mean MA over samples
     el: dict[int, float] = field(default_factory=dict)  # n -> mean EL_n
+    el_start: int = EL_START  # the EL definition; its columns are named el_column(n, el_start)
     stats: GreedyStats = field(default_factory=GreedyStats)
     seconds: dict[str, float] = field(default_factory=dict)  # wall clock per phase
 
     def summary(self) -> dict[str, float]:
-        """Column means of the numeric per-sample columns, plus val_loss, ma and el_{n}."""
+        """Column means of the numeric per-sample columns, plus val_loss, ma and the EL means."""
         out: dict[str, float] = {}
         for col in self.per_sample.columns:
             if col == "id" or not pd.api.types.is_numeric_dtype(self.per_sample[col]):
@@ -115,7 +118,7 @@ class ForgetEvalResult:
         out["val_loss"] = float(self.val_loss)
         out["ma"] = float(self.ma)
         for n, v in self.el.items():
-            out[f"el_{n}"] = float(v)
+            out[el_column(n, self.el_start)] = float(v)
         return out
 
 
@@ -209,7 +212,7 @@ def evaluate_forget_set(
     candidates = tokenizer.batch_decode(cand_ids) if generation else [""] * N
     df = _per_sample_frame(
         data.doc_ids[idx].numpy().astype(np.int64), prefixes, references, candidates, cand_ids,
-        generation, ma, el, el_ns, tok_loss,
+        generation, ma, el, el_ns, el_start, tok_loss,
     )
     clock.mark("text_metrics")
     flags = (_bertscore_and_flags(df, candidates, references, scorer, f1, bleu, clock)
@@ -221,7 +224,8 @@ def evaluate_forget_set(
         loss_sum=float(np.sum(batch_losses)),
         loss_batches=len(batch_losses),
         ma=_nanmean(df["ma"].to_numpy()),
-        el={n: _nanmean(df[f"el_{n}"].to_numpy()) for n in el_ns},
+        el={n: _nanmean(df[el_column(n, el_start)].to_numpy()) for n in el_ns},
+        el_start=el_start,
         stats=stats,
         seconds=clock.seconds,
     )
@@ -352,10 +356,11 @@ def _generate_all(model, tokenizer, prefixes: list[str], gen_batch_size: int, be
 def _per_sample_frame(
     ids: np.ndarray, prefixes: list[str], references: list[str], candidates: list[str],
     cand_ids: list[list[int]], generation: bool, ma: torch.Tensor, el: dict[int, torch.Tensor],
-    el_ns: tuple[int, ...], tok_loss: torch.Tensor,
+    el_ns: tuple[int, ...], el_start: int, tok_loss: torch.Tensor,
 ) -> pd.DataFrame:
     """One row per sample: the texts, the text metrics of the candidate (NaN without the
-    generation check; BERTScore's P/R/F1 filled in later), MA, EL_n and the loss."""
+    generation check; BERTScore's P/R/F1 filled in later), MA, EL_n (named for its
+    definition: el_10 is ICU's, el_10_from1 Knowledge Unlearning's) and the loss."""
     nan = np.full(len(prefixes), np.nan)
     df = pd.DataFrame(
         {
@@ -373,7 +378,7 @@ def _per_sample_frame(
         }
     )
     for n in el_ns:
-        df[f"el_{n}"] = el[n].cpu().numpy()
+        df[el_column(n, el_start)] = el[n].cpu().numpy()
     df["loss"] = tok_loss.numpy()
     return df
 

@@ -152,7 +152,7 @@ class ICULoop:
                 target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
                 indices=indices, progress=eng.is_main, desc=f"validation {epoch}", el_start=cfg.el_start,
             )
-            part = res.per_sample.rename(columns=dict(zip([f"el_{n}" for n in cfg.el_ns], cfg.el_keys)))
+            part = res.per_sample.copy()
             part["_row"] = indices
             part["flag"] = np.asarray(res.flags, dtype=np.int64)
             mine = (part, float(res.loss_sum), int(res.loss_batches))

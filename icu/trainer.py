@@ -59,12 +59,9 @@ def build_parser(distributed: bool = False) -> argparse.ArgumentParser:
                    help="dtype of the frozen original model (KL / NPO reference; default: --dtype)")
     g.add_argument("--resume", action="store_true", help="continue the run in --dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --dir")
-    # --- thresholds (issue 12): calibrated stop / flag thresholds and the EL definition ---
-    t = p.add_argument_group("thresholds")
-    t.add_argument("--thresholds", default=None,
+    g.add_argument("--thresholds", default=None,
                    help="thresholds.json from eval.py --calibrate: sets --acc --el --el_start --f1 --bleu "
                         "(a flag given on the command line wins)")
-    # --- end thresholds ---
     if distributed:
         p.add_argument("--deepspeed_config", default="config/deepspeed3.json", help="DeepSpeed JSON")
         p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -90,6 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("uw", "lw", "kl"):
         if getattr(args, name) < 0:
             raise IcuError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if args.el_start < 1:
+        raise IcuError(f"--el_start must be a positive integer (got {args.el_start})")
     if not args.beta > 0:
         raise IcuError(f"--beta must be > 0 (got {args.beta})")
     if args.max_epochs < 0:
@@ -169,27 +168,19 @@ def prepare_dir(args: argparse.Namespace, is_main: bool) -> None:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-# --- thresholds (issue 12) ---
-
-
-def apply_thresholds(args: argparse.Namespace, argv: Optional[list[str]] = None):
-    """Set args.acc / el / el_start / f1 / bleu from --thresholds (flags typed on the command
-    line win: ``args.explicit_flags`` from :func:`parse_args`, else those found in ``argv``);
-    returns the :class:`icu.thresholds.ThresholdChoice`, or None without --thresholds."""
+def apply_thresholds(args: argparse.Namespace):
+    """Set args.acc / el / el_start / f1 / bleu from --thresholds (the flags typed on the command
+    line, ``args.explicit_flags`` from :func:`parse_args`, win); returns the
+    :class:`icu.thresholds.ThresholdChoice`, or None without --thresholds."""
     from .thresholds import choose_thresholds, load_thresholds
 
     chosen = None
     el_ns = list(parse_int_list(args.el_n, "el_n"))
     if args.thresholds:
-        explicit = getattr(args, "explicit_flags", None)
-        if explicit is None:
-            explicit = explicit_dests(build_parser(distributed=hasattr(args, "deepspeed_config")), argv)
-        explicit = set(explicit)
+        explicit = set(args.explicit_flags)
         chosen = choose_thresholds(load_thresholds(args.thresholds), args.thresholds, vars(args), explicit, el_ns[0])
         for dest, value in chosen.values.items():
             setattr(args, dest, value)
-    if args.el_start < 1:
-        raise IcuError(f"--el_start must be a positive integer (got {args.el_start})")
     check_lengths(args.prefix_length, args.target_length, el_ns, args.el_start)
     return chosen
 
@@ -212,9 +203,6 @@ def threshold_record(args: argparse.Namespace, chosen) -> dict:
         source.update(chosen.source)
     return {"file": args.thresholds, "values": values, "source": source,
             "warnings": list(chosen.warnings) if chosen else []}
-
-
-# --- end thresholds ---
 
 
 def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> PairedDataset:
@@ -247,19 +235,16 @@ def run_training(
     rank: int = 0,
     engine_name: str = "torch",
     extra_info: Optional[dict] = None,
-    argv: Optional[list[str]] = None,
 ) -> dict:
     """Set up everything from ``args`` and run the loop with ``--method``'s loss on the engine
     ``make_engine`` builds.
 
     ``extra_info`` is merged into run.json (the DeepSpeed trainer records its effective config).
-    ``argv``: the command line ``args`` came from (default sys.argv[1:]); with --thresholds, the
-    flags typed in it win over the file's values.
     """
     from .metrics import get_bertscorer
 
     check_args(args)
-    chosen = apply_thresholds(args, argv)  # before anything is written: a bad file exits 2
+    chosen = apply_thresholds(args)  # before anything is written: a bad file exits 2
     cfg, method, ignored = configure_method(args)
     is_main = rank == 0
     prepare_dir(args, is_main)
