@@ -15,7 +15,7 @@ import os
 import time
 import numpy as np
 
-from .data import atomic_write_text, load_train_array, validate_token_array
+from .data import atomic_write_text, load_train_array
 from .errors import IcuError, disk_errors
 from .metrics import el_column
 from .thresholds import CALIBRATION_CSV, THRESHOLDS_FILE, build_thresholds, shared_rows
@@ -44,7 +44,7 @@ def load_unseen(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     if (args.unseen is None) == (args.unseen_rows is None):
         raise IcuError("--calibrate needs exactly one of --unseen FILE.npy or --unseen_rows IDS.npy (with --train_file)")
     if args.unseen is not None:
-        rows = load_train_array(args.unseen, vocab_size=GPT2_VOCAB)
+        rows = load_train_array(args.unseen, vocab_size=GPT2_VOCAB, name=f"--unseen {args.unseen}")
         ids, what = np.arange(len(rows), dtype=np.int64), args.unseen
     else:
         if args.train_file is None:
@@ -56,7 +56,7 @@ def load_unseen(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
         if args.limit < 1:
             raise IcuError(f"--limit must be a positive integer (got {args.limit})")
         rows, ids = rows[: args.limit], ids[: args.limit]
-    return validate_token_array(rows, what, GPT2_VOCAB), ids, what
+    return rows, ids, what  # load_train_array validated the rows
 
 
 def _load_ids(path: str, n_train: int) -> np.ndarray:

@@ -64,8 +64,10 @@ def validate_token_array(arr: np.ndarray, source: str, vocab_size: Optional[int]
     return arr
 
 
-def load_train_array(path: str, vocab_size: Optional[int] = None) -> np.ndarray:
-    """Load and validate ``train_dataset.npy`` (or any (N, 200) uint16 array)."""
+def load_train_array(path: str, vocab_size: Optional[int] = None, name: Optional[str] = None) -> np.ndarray:
+    """Load and validate ``train_dataset.npy`` (or any (N, 200) uint16 array); error messages
+    start with ``name`` (default: the path)."""
+    name = name or path
     if not os.path.isfile(path):
         raise IcuError(
             f"train file {path!r} not found; download train_dataset.npy from {TRAIN_DATA_URL} "
@@ -76,12 +78,12 @@ def load_train_array(path: str, vocab_size: Optional[int] = None) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         if "Failed to read all data" in str(exc):  # numpy's words for a cut-off file
-            raise IcuError(f"{path}: the .npy file is truncated; download or write it again") from None
-        raise IcuError(f"{path}: not a NumPy .npy array file; {expected}") from None
+            raise IcuError(f"{name}: the .npy file is truncated; download or write it again") from None
+        raise IcuError(f"{name}: not a NumPy .npy array file; {expected}") from None
     if not isinstance(arr, np.ndarray):  # an .npz archive
         arr.close()
-        raise IcuError(f"{path}: an .npz archive, not a .npy array file; {expected}")
-    return validate_token_array(arr, path, vocab_size)
+        raise IcuError(f"{name}: an .npz archive, not a .npy array file; {expected}")
+    return validate_token_array(arr, name, vocab_size)
 
 
 def _current_umask() -> int:

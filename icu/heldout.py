@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import encode_rows, validate_token_array
+from .data import encode_rows, load_train_array
 from .errors import IcuError
 from .losses import lm_loss
 from .models import BUILTIN_GPT2, load_model, load_tokenizer
@@ -23,11 +23,7 @@ def load_heldout(path: str) -> np.ndarray:
             "on, e.g. the toy's: np.save(path, np.load('datasets/toy/train_dataset.npy')"
             "[np.load('datasets/toy/heldout_ids.npy')[:256]])"
         )
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise IcuError(f"--heldout {path}: not a readable .npy file ({exc})") from None
-    return validate_token_array(arr, f"--heldout {path}")
+    return load_train_array(path, name=f"--heldout {path}")
 
 
 @torch.no_grad()
