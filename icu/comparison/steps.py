@@ -16,10 +16,10 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import IcuError
-from ..loop import CHECKPOINT
+from ..checkpoint import CHECKPOINT, find_checkpoint
 from .config import REPO_ROOT
 
 logger = logging.getLogger("icu")
@@ -79,11 +79,11 @@ def train_state(train_dir: str) -> tuple[str, Optional[dict]]:
         os.path.join(run["model_dir"], "config.json")
     ):
         return "finished", run
-    # checkpoint*/: a kill while the trainer swapped checkpoints may leave only a .tmp/.old copy,
-    # which --resume recovers
-    ckpts = glob.glob(os.path.join(glob.escape(train_dir), CHECKPOINT + "*"))
-    if any(os.path.isfile(os.path.join(c, "state.pkl")) for c in ckpts):
+    # The trainer's own test of what --resume can continue from (a complete checkpoint, also one
+    # a kill during the checkpoint swap left as checkpoint.tmp / .old)
+    if find_checkpoint(train_dir) is not None:
         return "partial", run
+    ckpts = glob.glob(os.path.join(glob.escape(train_dir), CHECKPOINT + "*"))
     if run is not None or ckpts:
         return "stale", run
     return "empty", None
