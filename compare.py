@@ -39,6 +39,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "--method choices; all = every one of them")
     p.add_argument("--config", default=None,
                    help="YAML/JSON hyper-parameters per method, read on top of config/compare.yaml")
+    p.add_argument("--thresholds", default=None,
+                   help="thresholds.json from eval.py --calibrate: every method's stop and flag rule "
+                        "(the trainer's --thresholds; replaces config/compare.yaml's acc / el, a "
+                        "--config file's acc / el still win)")
     p.add_argument("--heldout", default=None,
                    help="(N, 200) uint16 .npy of rows no method trains on: its LM loss per model")
     p.add_argument("--tasks", default=None, help="valid.py tasks to score every model on (comma-separated)")

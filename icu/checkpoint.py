@@ -37,7 +37,7 @@ SWAP_SUFFIXES = ("", ".tmp", ".old")
 # Keys missing on either side (older checkpoints, settings of other methods) are not compared.
 RESUME_MUST_MATCH = (
     "exp", "uw", "lw", "kl", "f1", "bleu", "acc", "el", "el_ns", "target_length", "batch_size", "seed",
-    "kl_mode", "method", "refine", "beta", "gamma", "el_start", "thresholds",
+    "kl_mode", "method", "refine", "beta", "gamma", "el_start", "thresholds", "autocast",
 )
 _FLAG_NAMES = {"el_ns": "--el_n"}  # config keys whose command-line flag has another name
 

@@ -243,6 +243,10 @@ class ICULoop:
         return StepBatch(b, forward, learn_allowed=self.method.needs_learn(self.cfg),
                          reference=reference, reference_learn_probs=learn_probs)
 
+    def autocast(self):
+        """bfloat16 autocast for ``--autocast bf16`` (a no-op context otherwise)."""
+        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16")
+
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the shuffled pairs; samples not training this epoch leave each batch."""
         eng, cfg = self.engine, self.cfg
@@ -262,7 +266,8 @@ class ICULoop:
                 skipped += 1  # every sample of this batch (on every rank) is already forgotten
                 continue
             b = {k: v[plan.keep].to(eng.device) for k, v in batch.items()}
-            loss, terms = self.method.loss(self.step_batch(b), cfg)
+            with self.autocast():  # forward passes only; the losses upcast logits to fp32
+                loss, terms = self.method.loss(self.step_batch(b), cfg)
             if plan.scale != 1.0:
                 loss = loss * plan.scale
             if eng.any_rank(not bool(torch.isfinite(loss).item())):

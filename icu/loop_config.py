@@ -17,6 +17,7 @@ from .methods import METHOD_NAMES, get_method
 from .metrics import EL_START, el_column
 
 REFINE_MODES = ("update", "off")
+AUTOCAST_MODES = ("off", "bf16")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class LoopConfig:
     num_workers: int = 0
     max_epochs: int = setting(50, "stop after this many epochs")
     seed: int = setting(42, "seed of the sample order and of everything random")
+    autocast: str = setting("off", "bf16: run the training step's forward passes under bfloat16 autocast "
+                            "(weights, optimizer and every validation stay fp32); about 2x faster on "
+                            "CPUs with AVX512-BF16/AMX and on GPUs, numbers differ by bf16 rounding",
+                            choices=AUTOCAST_MODES)
     kl_mode: str = setting("frozen", "frozen: original model's p0 on the fly from a frozen copy "
                            "(memory does not grow with N); cached: the reference's precomputed "
                            "N x L x V table", choices=("frozen", "cached"))

@@ -56,7 +56,8 @@ def flat_row(row: dict, tasks: Sequence[str], els: Sequence[str], thresholds: di
         out["downstream_mean"] = downstream_mean(values, tasks)
     forgot = None
     if out["ma"] is not None and all(out[k] is not None for k in els):
-        forgot = out["ma"] < thresholds["acc"] and min(out[k] for k in els) < thresholds["el"]
+        # the stop rule's "at most" (icu.loop.stop_reason)
+        forgot = out["ma"] <= thresholds["acc"] and min(out[k] for k in els) <= thresholds["el"]
     out["under_thresholds"] = forgot
     out["stop_reason"] = row.get("failed") or row.get("stop_reason")
     out["model_dir"] = row.get("model_dir")
@@ -153,8 +154,8 @@ def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n:
     if df["heldout_loss"].isna().all():
         md_cols.remove("heldout_loss")
     table = markdown_table(df[md_cols])
-    note = (f"\n\nForget-set columns from eval.py; thresholds: MA < {thresholds['acc']}, "
-            f"{els[0].upper().replace('_', '')} < {thresholds['el']}.\n")
+    note = (f"\n\nForget-set columns from eval.py; thresholds: MA <= {thresholds['acc']:.4g}, "
+            f"{els[0].upper().replace('_', '')} <= {thresholds['el']:.4g}.\n")
     with disk_errors(out_dir):
         atomic_write_text(os.path.join(out_dir, "comparison.csv"), df.to_csv(index=False))
         atomic_write_text(os.path.join(out_dir, "comparison.md"), table + note)

@@ -140,15 +140,47 @@ def check_existing_runs(args: argparse.Namespace, plan: Plan) -> None:
             )
 
 
+def use_threshold_file(cfg, path: str, user_file: Optional[str]) -> None:
+    """``--thresholds``: every method's trainer gets ``--thresholds path``; the shipped config's
+    acc / el give way to it (they would win as explicit trainer flags), a user file's do not."""
+    from ..thresholds import load_thresholds
+    from .config import read_config_file
+
+    load_thresholds(path)  # a missing or malformed file fails now, before any training
+    user_common = read_config_file(user_file).common if user_file else {}
+    for key in ("acc", "el"):
+        if key not in user_common:
+            cfg.common.pop(key, None)
+    cfg.common["thresholds"] = path
+
+
+def report_thresholds(common: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, float]:
+    """The MA / EL stop thresholds every method runs with, for the table and the plot: ``acc`` /
+    ``el`` under ``common:`` win, as on the trainer's command line, then a calibrated
+    ``thresholds:`` file (eval.py --calibrate), then the trainer's defaults."""
+    out = {k: float(parser.get_default(k)) for k in ("acc", "el")}
+    if common.get("thresholds"):
+        from ..thresholds import load_thresholds
+
+        th = load_thresholds(str(common["thresholds"]))
+        el_n = str(common.get("el_n", parser.get_default("el_n"))).split(",")[0]
+        out["acc"] = float(th["ma"])
+        if el_n in th["el"]:
+            out["el"] = float(th["el"][el_n])
+    out.update({k: float(common[k]) for k in ("acc", "el") if k in common})
+    return out
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no model run: methods, config, split, model, tasks, held-out rows,
     output folder, earlier runs in it. Raises IcuError; nothing has been written yet."""
     parser = trainer_parser(args.trainer)
     methods = parse_methods(args.methods)
     cfg = load_method_config(args.config, parser)
+    if args.thresholds:
+        use_threshold_file(cfg, args.thresholds, args.config)
     params = resolve_methods(cfg, methods, parser, args.config)
-    common = cfg.common
-    thresholds = {k: float(common.get(k, parser.get_default(k))) for k in ("acc", "el")}
+    thresholds = report_thresholds(cfg.common, parser)
     if args.trainer == "deepspeed" and shutil.which("deepspeed") is None:
         raise IcuError("--trainer deepspeed: the `deepspeed` launcher is not on PATH; pip install deepspeed")
     check_split(args.data_dir, args.exp)

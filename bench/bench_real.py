@@ -1,0 +1,153 @@
+"""Speed of the real-model world on this machine: one training step of each compared method (fp32
+and bf16 autocast), one validation pass over the forget set, and the whole comparison; with the
+peak memory of each.
+
+    python bench/bench_real.py                          # steps + validation (~3 min on 2 cores)
+    python bench/bench_real.py --compare                # also runs scripts/compare_real.sh, timed
+    python bench/bench_real.py --summary_only           # the timings of a finished comparison
+
+Needs the world (`python -m icu.realworld`, see README "Real model"); the comparison needs what
+scripts/compare_real.sh needs. Prints a table and one JSON line; say the machine's load (printed)
+with the numbers, since torch on 2 cores slows down several-fold beside another busy process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np
+import torch
+
+STEP_METHODS = {"ga": {"uw": 1.0}, "npo": {"beta": 0.1}, "kl": {"uw": 1.0, "kl": 1.0}, "po": {"lw": 1.0},
+                "icu": {"uw": 1.0, "lw": 1.0, "kl": 1.0}}
+
+
+def peak_mib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def pairs(real: str, batch_size: int):
+    from icu.data import PairedDataset, encode_rows, load_experiment
+    from icu.models import BUILTIN_GPT2, load_tokenizer
+
+    gpt2, tok = load_tokenizer(BUILTIN_GPT2), load_tokenizer(os.path.join(real, "memorized"))
+    u, uid, l, lid = load_experiment(os.path.join(real, "exp"), "exp0")
+    data = PairedDataset(encode_rows(u, uid, gpt2, tok), encode_rows(l, lid, gpt2, tok))
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
+    return batch, data, gpt2, tok
+
+
+def time_steps(real: str, batch_size: int, repeats: int) -> list[dict]:
+    """Seconds of one optimizer step (forwards, backward, Adam) per method and precision."""
+    from types import SimpleNamespace
+
+    from icu.methods import StepBatch, get_method
+    from icu.models import load_model
+
+    batch, _, _, _ = pairs(real, batch_size)
+    model = load_model(os.path.join(real, "memorized"))
+    ref = load_model(os.path.join(real, "memorized")).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-12)  # a real step that changes ~nothing
+    out = []
+    for name, hp in STEP_METHODS.items():
+        method = get_method(name)
+        cfg = SimpleNamespace(**{"uw": 0.0, "lw": 0.0, "kl": 0.0, "beta": 0.1, "gamma": 0.0, **hp})
+        for autocast in (False, True):
+            times = []
+            for _ in range(repeats):
+                model.train()
+                t0 = time.perf_counter()
+                b = StepBatch(batch, lambda i, m: model(input_ids=i, attention_mask=m).logits,
+                              learn_allowed=method.needs_learn(cfg),
+                              reference=lambda i, m: ref(input_ids=i, attention_mask=m).logits,
+                              reference_learn_probs=lambda: torch.softmax(ref(
+                                  input_ids=batch["learn_input_ids"],
+                                  attention_mask=batch["learn_attention_mask"]).logits.float(), -1))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss, _ = method.loss(b, cfg)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - t0)
+            out.append({"what": f"train step {name} ({'bf16 autocast' if autocast else 'fp32'})",
+                        "seconds": round(min(times), 2), "batch": batch_size})
+            print(f"  {out[-1]['what']}: {out[-1]['seconds']} s", flush=True)
+    return out
+
+
+def time_validation(real: str, batch_size: int, model_dir: str, label: str) -> dict:
+    """One validation pass (generation check, BERTScore, MA, EL10) over the forget set."""
+    from icu.forget_eval import evaluate_forget_set
+    from icu.metrics import get_bertscorer
+    from icu.models import BUILTIN_MINILM, load_model
+
+    _, data, gpt2, tok = pairs(real, batch_size)
+    model = load_model(model_dir)
+    scorer = get_bertscorer(BUILTIN_MINILM)
+    t0 = time.perf_counter()
+    res = evaluate_forget_set(model, tok, gpt2, data.unlearn, scorer=scorer, batch_size=batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    row = {"what": f"validation pass, {len(data)} targets, {label}", "seconds": round(seconds, 1),
+           "ma": round(res.ma, 4), "el_10": round(res.el[10], 4),
+           "phases": {k: round(v, 1) for k, v in res.seconds.items()}}
+    print(f"  {row['what']}: {row['seconds']} s {row['phases']}", flush=True)
+    return row
+
+
+def comparison_summary(out_dir: str) -> dict:
+    """Per-method seconds of a comparison folder: the trainer's own time and each step's span."""
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*", "row.json"))):
+        with open(path, encoding="utf-8") as fh:
+            row = json.load(fh)
+        rows[row["method"]] = {"epochs": row.get("epochs"), "train_seconds": row.get("seconds")}
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", default=os.path.join(REPO, "datasets", "real"), help="python -m icu.realworld --out")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="steps timed per method (the fastest counts)")
+    p.add_argument("--compare", action="store_true", help="also run scripts/compare_real.sh and time it")
+    p.add_argument("--compare_dir", default=os.path.join(REPO, "result", "compare_real"))
+    p.add_argument("--unlearned", default=None, help="also time validation on this (unlearned) model folder")
+    p.add_argument("--summary_only", action="store_true", help="only summarize --compare_dir")
+    args = p.parse_args()
+    if not os.path.isfile(os.path.join(args.real, "real.json")):
+        sys.exit(f"error: no real-model world in {args.real}; build it with `python -m icu.realworld` (README, Real model)")
+    torch.set_grad_enabled(True)
+    print(f"load average before: {os.getloadavg()}, torch threads {torch.get_num_threads()}", flush=True)
+    result: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads()}
+    if not args.summary_only:
+        result["steps"] = time_steps(args.real, args.batch_size, args.repeats)
+        with torch.no_grad():
+            result["validation"] = [time_validation(args.real, args.batch_size, os.path.join(args.real, "memorized"),
+                                                    "memorizing model")]
+            if args.unlearned:
+                result["validation"].append(time_validation(args.real, args.batch_size, args.unlearned, "unlearned model"))
+        result["peak_mib_steps_and_validation"] = round(peak_mib(), 0)
+    if args.compare:
+        t0 = time.perf_counter()
+        rc = subprocess.call(["bash", os.path.join(REPO, "scripts", "compare_real.sh")],
+                             env={**os.environ, "ICU_COMPARE_DIR": args.compare_dir})
+        result["compare"] = {"exit": rc, "wall_seconds": round(time.perf_counter() - t0, 1),
+                             "peak_mib_largest_step": round(peak_mib(resource.RUSAGE_CHILDREN), 0)}
+    if os.path.isdir(args.compare_dir):
+        result["compare_methods"] = comparison_summary(args.compare_dir)
+    result["load_after"] = os.getloadavg()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

