@@ -29,7 +29,7 @@ from .cli import (
     settings_from_args,
     setup_logging,
 )
-from .data import PairedDataset, check_vocab, encode_rows, load_experiment
+from .data import PairedDataset, check_vocab, encode_rows, load_experiment, validate_token_array
 from .engine import Engine
 from .checkpoint import CHECKPOINT, find_checkpoint, recover_checkpoint, set_seed
 from .errors import IcuError, check_writable_dir
@@ -207,6 +207,8 @@ def threshold_record(args: argparse.Namespace, chosen) -> dict:
 
 def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> PairedDataset:
     unlearn, unlearn_ids, learn, learn_ids = load_experiment(args.data_dir, args.exp)
+    for rows, what in ((unlearn, "unlearn"), (learn, "learn")):  # GPT-2 ids, whatever the model
+        validate_token_array(rows, os.path.join(args.data_dir, args.exp, what, "_dataset.npy"), len(gpt2))
     if args.target_length > args.prefix_length:
         raise IcuError(
             f"--target_length {args.target_length} is longer than --prefix_length {args.prefix_length}"

@@ -298,3 +298,45 @@ def test_trainer_end_to_end_on_tiny_llama(llama_world, tmp_path):
     trained = load_model(run["model_dir"])
     assert trained.config.model_type == "llama" and trained.lm_head.weight is trained.model.embed_tokens.weight
     assert not torch.equal(trained.model.embed_tokens.weight, load_model(w["model"]).model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_ranks_on_tiny_llama_match_single_device(tmp_path):
+    """ZeRO-3 on 2 CPU ranks (tests/ds_worker.py ... llama): validation and the saved model go
+    through the gathered full copy (icu.engine.DeepSpeedEngine._full_copy), whose tied
+    embedding and RoPE buffers must be those of the trained model."""
+    pytest.importorskip("deepspeed")
+    import os
+
+    from test_deepspeed_multirank import HISTORY_NUMBERS, check, final_weights, max_weight_diff, torchrun
+
+    check(torchrun(2, os.path.join("tests", "ds_worker.py"), str(tmp_path), "llama"))
+    ds = pd.read_csv(tmp_path / "llama_zero3" / "history.csv")
+    single = pd.read_csv(tmp_path / "llama_single" / "history.csv")
+    assert ds["flagged"].tolist()[0] == 8 and ds["steps"].iloc[1] > 0
+    pd.testing.assert_frame_equal(ds[HISTORY_NUMBERS], single[HISTORY_NUMBERS], rtol=1e-5, atol=1e-6)
+    a, b = final_weights(str(tmp_path / "llama_zero3")), final_weights(str(tmp_path / "llama_single"))
+    assert max_weight_diff(a, b) < 1e-4
+    assert torch.equal(a["lm_head.weight"], a["model.embed_tokens.weight"])  # still tied when saved
+
+
+def test_trainer_checks_gpt2_rows_and_the_models_ids(llama_world, tmp_path, capsys):
+    """The rows must be GPT-2 ids (< 50257) whatever the model; the model's own vocabulary is
+    checked on their re-encoding only (a 512-id Llama accepts rows of GPT-2 ids up to 50256)."""
+    import shutil
+
+    import train_neo_meanwhile_update as trainer
+    from icu.data import load_set
+
+    w = llama_world
+    bad = tmp_path / "data"
+    shutil.copytree(w["root"] / "data" / "mini", bad / "mini")
+    rows, ids = load_set(str(bad / "mini" / "learn"))
+    rows[1, 7] = 60000
+    save_set(str(bad / "mini" / "learn"), rows, ids)
+    with pytest.raises(SystemExit) as exc:
+        trainer.main(["--exp", "mini", "--data_dir", str(bad), "--model_name", w["model"], *OFFLINE,
+                      "--dir", str(tmp_path / "x"), *LENGTHS])
+    assert exc.value.code == 2
+    assert "row 1 holds token id 60000 (column 7)" in capsys.readouterr().err
+    assert int(w["rows"][:8].max()) >= 512  # the good rows hold ids far beyond the model's vocabulary
