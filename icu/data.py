@@ -256,7 +256,8 @@ def encode_rows(
     """The spec's training-sample encoding of (N, 200) GPT-2 id rows for ``tokenizer``.
 
     text = gpt2.decode(row); input_ids = tokenizer(text) left-padded/truncated to prefix_length;
-    labels = the same text encoded to suffix_length without special tokens, padding -> -100.
+    labels = the same encoding to suffix_length, padding and the special tokens the tokenizer
+    adds (a bos, an eos) -> -100.
     """
     texts = gpt2_tokenizer.batch_decode([list(map(int, r)) for r in rows])
     enc = tokenizer(
@@ -266,18 +267,25 @@ def encode_rows(
         truncation=True,
         return_tensors="pt",
     )
+    # The labels are encoded exactly as the inputs (special tokens included), so label t is
+    # input t for every tokenizer. Encoding them without special tokens shifted them by one
+    # against inputs that start with a bos (Llama-2-style tokenizers), and the loss compares the
+    # two position by position. GPT-2-family tokenizers add nothing, so for them nothing changes.
     lab = tokenizer(
         texts,
         max_length=suffix_length,
         padding="max_length",
         truncation=True,
-        add_special_tokens=False,
+        return_special_tokens_mask=True,
         return_tensors="pt",
     )
     labels = lab["input_ids"].clone()
     # Mask padding by the attention mask, not by id: pad == eos, and a real eos in the text must
     # stay a target (the reference masks every eos id).
     labels[lab["attention_mask"] == 0] = -100
+    # A bos/eos the tokenizer adds is not text: never a target (special tokens written in the
+    # text are not in this mask and stay targets).
+    labels[lab["special_tokens_mask"] == 1] = -100
     rows_t = torch.as_tensor(rows.astype(np.int64))
     return EncodedSet(
         input_ids=enc["input_ids"],
@@ -325,5 +333,5 @@ def check_vocab(rows: np.ndarray, vocab_size: int, source: str) -> None:
     if top >= vocab_size:
         raise IcuError(
             f"{source}: token id {top} but the model's vocabulary has {vocab_size} entries; "
-            "use a model whose tokenizer covers the GPT-2 ids"
+            "use the model's own tokenizer (--tokenizer_name) or a model whose vocabulary covers these ids"
         )

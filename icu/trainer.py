@@ -29,7 +29,7 @@ from .cli import (
     settings_from_args,
     setup_logging,
 )
-from .data import PairedDataset, check_vocab, encode_rows, load_experiment
+from .data import PairedDataset, check_vocab, encode_rows, load_experiment, validate_token_array
 from .engine import Engine
 from .checkpoint import CHECKPOINT, find_checkpoint, recover_checkpoint, set_seed
 from .errors import IcuError, check_writable_dir
@@ -207,14 +207,22 @@ def threshold_record(args: argparse.Namespace, chosen) -> dict:
 
 def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> PairedDataset:
     unlearn, unlearn_ids, learn, learn_ids = load_experiment(args.data_dir, args.exp)
-    check_vocab(unlearn, vocab_size, os.path.join(args.data_dir, args.exp, "unlearn"))
-    check_vocab(learn, vocab_size, os.path.join(args.data_dir, args.exp, "learn"))
+    for rows, what in ((unlearn, "unlearn"), (learn, "learn")):  # GPT-2 ids, whatever the model
+        validate_token_array(rows, os.path.join(args.data_dir, args.exp, what, "_dataset.npy"), len(gpt2))
     if args.target_length > args.prefix_length:
         raise IcuError(
             f"--target_length {args.target_length} is longer than --prefix_length {args.prefix_length}"
         )
     enc = lambda rows, ids: encode_rows(rows, ids, gpt2, tokenizer, args.prefix_length, args.suffix_length)
-    return PairedDataset(enc(unlearn, unlearn_ids), enc(learn, learn_ids))
+    pairs = PairedDataset(enc(unlearn, unlearn_ids), enc(learn, learn_ids))
+    # The model sees the rows re-encoded by its tokenizer, so those ids are the ones its
+    # embedding must cover (as eval.py checks them). The raw rows hold GPT-2 ids (up to 50256),
+    # which a model with its own smaller vocabulary (SmolLM2's 49152) never looks up.
+    name = args.tokenizer_name or args.model_name
+    for part, what in ((pairs.unlearn, "unlearn"), (pairs.learn, "learn")):
+        check_vocab(part.input_ids.numpy(), vocab_size,
+                    f"{os.path.join(args.data_dir, args.exp, what)} encoded by {name}")
+    return pairs
 
 
 def load_start_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

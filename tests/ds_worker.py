@@ -13,6 +13,10 @@ ZeRO-3 gathering) is checked in seconds. Each run writes its usual files under `
 and ``OUT/thr.json`` (the evaluator's threshold), ``OUT/uneven.pt`` (one epoch with flags that
 leave the ranks different numbers of samples: DeepSpeed vs single-device weights and losses).
 The test compares the files.
+
+``ds_worker.py OUT llama`` instead runs the tiny Llama (GQA, RoPE, tied embeddings, its own
+tokenizer) on its own pairs: ``llama_zero3`` (ZeRO-3: every validation and the save go through
+the gathered full copy) and ``llama_single`` (TorchEngine, batch B x W, on rank 0).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ sys.path[:0] = [os.path.dirname(TESTS), TESTS]  # the repository (icu) and tests
 
 from icu.ds_config import reconcile_ds_config  # noqa: E402
 from icu.engine import DeepSpeedEngine, TorchEngine, epoch_seed, init_deepspeed_distributed  # noqa: E402
-from tiny import LossEval, family_pairs, gpt2_tokenizer, make_loop, tiny_neo  # noqa: E402
+from tiny import (LossEval, family_pairs, gpt2_tokenizer, make_loop, tiny_llama, tiny_llama_tokenizer,  # noqa: E402
+                  tiny_neo)
 
 N = 8  # unlearn/learn pairs of generated family text
 MICRO = 2  # batch per rank
@@ -123,5 +128,24 @@ def main() -> None:
     shutdown_distributed(barrier=True)
 
 
+def llama_main() -> None:
+    out = sys.argv[1]
+    rank, _, world, device = init_deepspeed_distributed()
+    data = family_pairs(gpt2_tokenizer(), N, 4, seed=3, tokenizer=tiny_llama_tokenizer())
+    init = LossEval(0.0)(tiny_llama(), None, None, data.unlearn, indices=range(N)).per_sample["loss"]
+    thr = float(init.max()) + 0.02
+    for name, stage in (("llama_zero3", 3), ("llama_single", None)):
+        if stage is None and rank != 0:
+            continue
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        engine = (DeepSpeedEngine(tiny_llama(), ds_config(stage)) if stage
+                  else TorchEngine(tiny_llama(), LR, torch.device("cpu")))
+        ds_loop(engine, d, data, thr, MICRO if stage else MICRO * world, tiny_llama()).run()
+    from icu.engine import shutdown_distributed
+
+    shutdown_distributed(barrier=True)
+
+
 if __name__ == "__main__":
-    main()
+    llama_main() if sys.argv[2:] == ["llama"] else main()

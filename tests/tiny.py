@@ -63,10 +63,12 @@ def family_rows(tok, num_docs: int, family_size: int, seed: int) -> np.ndarray:
     return np.asarray([tok(t)["input_ids"][:200] for _, t in docs], dtype=np.uint16)
 
 
-def family_pairs(tok, n: int, family_size: int, seed: int) -> PairedDataset:
-    """``n`` unlearn rows (ids 0..n-1) paired with ``n`` learn rows, LEN-token prefix and suffix."""
+def family_pairs(tok, n: int, family_size: int, seed: int, tokenizer=None) -> PairedDataset:
+    """``n`` unlearn rows (ids 0..n-1) paired with ``n`` learn rows, LEN-token prefix and suffix:
+    GPT-2 id rows (``tok``) encoded for the model's ``tokenizer`` (default: ``tok`` itself)."""
     rows = family_rows(tok, 2 * n, family_size, seed)
-    enc = lambda r, ids: encode_rows(r, ids, tok, tok, prefix_length=LEN, suffix_length=LEN)
+    model_tok = tok if tokenizer is None else tokenizer
+    enc = lambda r, ids: encode_rows(r, ids, tok, model_tok, prefix_length=LEN, suffix_length=LEN)
     return PairedDataset(enc(rows[:n], range(n)), enc(rows[n:], range(n, 2 * n)))
 
 
@@ -132,3 +134,80 @@ def make_loop(out, data, evaluator, *, model=None, engine=None, reference=None, 
         engine = TorchEngine(model, cfg.lr, torch.device("cpu"))
     return ICULoop(engine, cfg, tokenizer=None, gpt2_tokenizer=None, dataset=data, reference_model=ref,
                    scorer=None, evaluator=evaluator)
+
+
+# --------------------------------------------------------------------------- tiny Llama
+
+# SmolLM2's special tokens and ids: <|endoftext|> 0, <|im_start|> 1 (bos), <|im_end|> 2 (eos)
+LLAMA_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+LLAMA_BOS, LLAMA_EOS = 1, 2
+LLAMA_VOCAB = 512
+
+
+def tiny_llama_tokenizer(add_bos: bool = False, vocab_size: int = LLAMA_VOCAB):
+    """A byte-level BPE of ``vocab_size`` ids trained on generated family text (its ids are not
+    GPT-2's), wrapped as the hub ships SmolLM2's: bos <|im_start|> (1), eos <|im_end|> (2).
+    ``add_bos``: a post-processor puts bos before every encoding, as Llama-2 tokenizers do.
+    Left padding with pad = eos, as icu.models.load_tokenizer sets it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for _, t in generate_families(60, 3, seed=1234, sentences_per_doc=18)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(LLAMA_SPECIALS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if add_bos:
+        bos = LLAMA_SPECIALS[LLAMA_BOS]
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, LLAMA_BOS)])
+    else:
+        bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=LLAMA_SPECIALS[LLAMA_BOS],
+                                  eos_token=LLAMA_SPECIALS[LLAMA_EOS], unk_token=None)
+    tok.model_max_length = 2048
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_llama(seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, vocab_size: int = LLAMA_VOCAB, **config):
+    """A random LlamaForCausalLM in eval mode (SmolLM2's architecture in small: grouped-query
+    attention, RoPE, RMSNorm, SiLU MLP, tied input/output embeddings, bos 1, eos 2), built right
+    after ``torch.manual_seed(seed)``. A wide init (std 0.2) keeps greedy decisions off near ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+              num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+              max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=LLAMA_BOS,
+              eos_token_id=LLAMA_EOS, initializer_range=0.2)
+    kw.update(config)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in SmolLM2
+    return model
+
+
+def save_tiny_llama(path, seed: int = 0, *, add_bos: bool = False, model=None, **shape) -> str:
+    """``tiny_llama(seed, **shape)`` (or ``model``) saved in ``path`` with its own tokenizer
+    (``tiny_llama_tokenizer(add_bos)``): a --model_name folder."""
+    (model if model is not None else tiny_llama(seed, **shape)).save_pretrained(str(path))
+    tiny_llama_tokenizer(add_bos).save_pretrained(str(path))
+    return str(path)
+
+
+def memorize(model, input_ids, attention_mask, steps: int = 80, lr: float = 1e-2):
+    """Train ``model`` in place on the rows (full batch, Adam) so that it partly memorizes them:
+    the metrics then both follow and leave the text. Returns the model in eval mode."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
