@@ -29,7 +29,7 @@ from fast_paths import greedy_continuations, memorization_and_extraction
 from reference_impl import _quiet_generate, slow_el, slow_ma
 from test_forget_eval import min_decision_gap
 from tiny import (LLAMA_BOS, LLAMA_EOS, family_pairs, family_rows, make_loop, memorize, save_tiny_llama,
-                  tiny_llama, tiny_llama_tokenizer)
+                  tiny_llama, tiny_llama_tokenizer, tiny_neo)
 
 torch.set_num_threads(1)
 
@@ -340,3 +340,15 @@ def test_trainer_checks_gpt2_rows_and_the_models_ids(llama_world, tmp_path, caps
     assert exc.value.code == 2
     assert "row 1 holds token id 60000 (column 7)" in capsys.readouterr().err
     assert int(w["rows"][:8].max()) >= 512  # the good rows hold ids far beyond the model's vocabulary
+
+
+def test_decode_rows_count_the_key_value_heads_of_grouped_query_attention():
+    """With grouped-query attention the EL decoder's key/value cache per row is kv_heads/heads of
+    the hidden size, so more rows fit the same budget (SmolLM2-135M: 3 of 9 heads)."""
+    from icu.decoding.continuations import default_decode_rows, kv_width
+
+    gqa = tiny_llama(0)
+    assert kv_width(gqa.config) == gqa.config.num_key_value_heads * gqa.config.head_dim < gqa.config.hidden_size
+    assert kv_width(tiny_neo().config) == tiny_neo().config.hidden_size
+    full = tiny_llama(0, num_kv_heads=gqa.config.num_attention_heads)
+    assert default_decode_rows(gqa, 2000) == 2 * default_decode_rows(full, 2000)

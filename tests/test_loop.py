@@ -93,6 +93,29 @@ def test_cached_kl_mode_equals_frozen_mode(tmp_path, pairs):
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def test_autocast_runs_the_forwards_in_bf16_and_keeps_fp32_weights(tmp_path, pairs):
+    """--autocast bf16: every forward of the step (trained model and KL reference) yields bf16
+    logits, the loss terms are fp32, the weights stay fp32, and the step lands close to the fp32
+    step (bf16 rounding only)."""
+    outs = {}
+    for mode in ("off", "bf16"):
+        lp = make_loop(tmp_path / mode, pairs, None, autocast=mode)
+        seen = []
+        for m in (lp.engine.module, lp.reference_model):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.logits.dtype))
+        lp.state.flags = np.ones(N, dtype=np.int64)
+        stats = lp.train_epoch(1)
+        assert set(seen) == {torch.bfloat16 if mode == "bf16" else torch.float32}
+        assert len(seen) == 3 * stats["steps"]  # forget, learn, reference per step
+        params = [p.detach().clone() for p in lp.engine.module.parameters()]
+        assert all(p.dtype == torch.float32 for p in params)
+        outs[mode] = (stats, params)
+    for key in ("loss_unlearn", "loss_learn", "loss_kl"):
+        assert outs["bf16"][0][key] == pytest.approx(outs["off"][0][key], rel=0.02)
+    moved = [(b - a).abs().max().item() for a, b in zip(outs["off"][1], outs["bf16"][1])]
+    assert 0 < max(moved) < 1e-2
+
+
 # --------------------------------------------------------------------------- flags and stopping
 
 
@@ -375,6 +398,7 @@ def test_lower_lr_on_resume_applies_after_non_finite_loss(tmp_path, pairs, monke
     ({"uw": 2.0}, "--uw 2.0 differs from the checkpoint's --uw 1.0"),
     ({"el_ns": (5, 10)}, "--el_n 5,10 differs from the checkpoint's --el_n 10"),
     ({"batch_size": 3}, "--batch_size 3 differs"),
+    ({"autocast": "bf16"}, "--autocast bf16 differs from the checkpoint's --autocast off"),
 ])
 def test_resume_refuses_settings_that_change_results(tmp_path, pairs, changed, message):
     from icu.errors import IcuError

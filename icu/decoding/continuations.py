@@ -40,14 +40,25 @@ def _row_budget_bytes(device: torch.device) -> int:
     return 1 << 30
 
 
+def kv_width(cfg) -> int:
+    """Key (or value) numbers per position and layer: hidden size, or less with grouped-query
+    attention (Llama, Mistral: num_key_value_heads x head_dim; SmolLM2-135M: 192 of 576)."""
+    hidden = getattr(cfg, "hidden_size", None) or 768
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None)
+    if not heads or not kv_heads:
+        return hidden
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return int(kv_heads * head_dim)
+
+
 def default_decode_rows(model: torch.nn.Module, T: int) -> int:
     """How many (sample, prefix) rows to decode at once: the row caches fill the budget."""
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None) or 12
-    hidden = getattr(cfg, "hidden_size", None) or 768
     itemsize = next(model.parameters()).element_size()
     # the cache while decoding holds T-1 + T-start positions; count it twice for the copies
-    per_row = 2 * 2 * layers * hidden * (2 * T) * itemsize
+    per_row = 2 * 2 * layers * kv_width(cfg) * (2 * T) * itemsize
     return int(max(16, min(2048, _row_budget_bytes(model_device(model)) // max(per_row, 1))))
 
 
