@@ -49,7 +49,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--task_dir", default=None, help="valid.py's --data_dir: folder of local task files")
     p.add_argument("--task_file", action="append", default=[], metavar="TASK=PATH",
                    help="a local file for one task (valid.py's --task_file); repeatable")
-    p.add_argument("--task_limit", type=int, default=None, help="at most N rows per task")
+    p.add_argument("--task_limit", default=None,
+                   help="valid.py's --limit: rows per task, N and/or TASK=N items (e.g. 100,wikitext=5)")
     p.add_argument("--el_n", default="10", help="eval.py's extraction-likelihood n, comma-separated")
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch of eval.py, valid.py and the held-out loss (default --batch_size)")
@@ -60,9 +61,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help='arguments of the deepspeed launcher, e.g. "--num_gpus 4"')
     args = p.parse_args(argv)
     check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
-    for name in ("eval_batch_size", "task_limit"):
-        if getattr(args, name) is not None:
-            check_positive(args, name)
+    if args.eval_batch_size is not None:
+        check_positive(args, "eval_batch_size")
+    if args.task_limit is not None:
+        from icu.downstream import parse_limits
+
+        parse_limits(args.task_limit, "--task_limit")
     return args
 
 

@@ -28,6 +28,7 @@ from icu.downstream import (
     BatchedScorer,
     load_tasks,
     parse_assignments,
+    parse_limits,
     parse_task_list,
     read_result_row,
     resolve_sources,
@@ -89,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_hub", action="append", default=[],
                    metavar="TASK=REPO[:CONFIG][@SPLIT][#REVISION]",
                    help="another hub dataset for one task; repeatable")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use at most N rows per task (texts for wikitext/pile; default: all)")
+    p.add_argument("--limit", default=None,
+                   help="rows per task (texts for wikitext/pile): N for every task, and/or TASK=N "
+                        "items, comma-separated, e.g. 100,wikitext=5 (default: all)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="dialog reply length (tokens)")
     p.add_argument("--ppl_stride", type=int, default=None,
                    help="perplexity with windows of suffix_length moved by this many tokens "
@@ -116,7 +118,8 @@ def list_tasks() -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     check_positive(args, "prefix_length", "suffix_length", "batch_size", "max_new_tokens")
-    for name in ("limit", "ppl_stride", "threads"):
+    args.limits = parse_limits(args.limit)
+    for name in ("ppl_stride", "threads"):
         if getattr(args, name) is not None:
             check_positive(args, name)
     if args.num_workers < 0:
@@ -146,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if kept:
         logger.info("%s: keeping the earlier results of %s (tasks not run now)", out_path, ",".join(kept))
     # All data first: a bad file or an unreachable dataset fails before the model is loaded.
-    datas = load_tasks(sources, cache_dir=args.cache, limit=args.limit)
+    datas = load_tasks(sources, cache_dir=args.cache, limit=args.limits)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

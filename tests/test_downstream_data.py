@@ -16,6 +16,7 @@ from icu.downstream import (
     load_tasks,
     parse_assignments,
     parse_hub_spec,
+    parse_limits,
     parse_task_list,
     resolve_sources,
 )
@@ -87,6 +88,24 @@ def test_limit_caps_rows():
     data = load_task("copa", LocalSource(os.path.join(FIXTURES, "copa", "val.jsonl")), limit=2)
     assert len(data.examples) == 2
     assert isinstance(data.examples[0], ChoiceExample)
+
+
+def test_per_task_limits():
+    """--limit 2,copa=1: copa gets 1 row, every other task 2; a task named alone caps only it."""
+    assert parse_limits("2,copa=1") == {None: 2, "copa": 1}
+    assert parse_limits(None) == {} and parse_limits("wikitext=1") == {"wikitext": 1}
+    sources = resolve_sources(["copa", "piqa", "wikitext"], FIXTURES, {}, {})
+    full = load_tasks(sources)
+    capped = load_tasks(sources, limit=parse_limits("2,copa=1"))
+    assert {k: len(v.examples) for k, v in capped.items()} == {"copa": 1, "piqa": 2, "wikitext": 2}
+    only = load_tasks(sources, limit=parse_limits("copa=1"))
+    assert len(only["copa"].examples) == 1 and len(only["piqa"].examples) == len(full["piqa"].examples) > 2
+    assert capped["piqa"].examples == full["piqa"].examples[:2]  # the first rows, in file order
+    for bad in ("0", "copa=x", "=3", "copa=-1"):
+        with pytest.raises(IcuError, match="expects N or TASK=N"):
+            parse_limits(bad)
+    with pytest.raises(IcuError, match="piqq"):
+        parse_limits("piqq=3")
 
 
 def test_missing_columns_are_named(tmp_path):

@@ -14,6 +14,7 @@ from .sources import (
     load_task,
     load_tasks,
     parse_assignments,
+    parse_limits,
     parse_hub_spec,
     parse_task_list,
     resolve_sources,
@@ -24,7 +25,7 @@ from .tasks import EXTRA_COLUMNS, TASK_NAMES, TASKS, HubSource
 
 __all__ = [
     "BatchedScorer", "SequentialScorer", "TokenScore", "PerplexityResult", "model_window",
-    "LocalSource", "HubSource", "TaskData", "load_task", "load_tasks", "parse_assignments",
+    "LocalSource", "HubSource", "TaskData", "load_task", "load_tasks", "parse_assignments", "parse_limits",
     "parse_hub_spec", "parse_task_list", "resolve_sources", "TaskResult", "evaluate_task",
     "result_columns", "results_csv", "read_result_row", "run_suite", "sample_records", "samples_jsonl", "EXTRA_COLUMNS", "TASK_NAMES", "TASKS",
 ]

@@ -83,6 +83,29 @@ def parse_assignments(values: Optional[Iterable[str]], flag: str) -> dict[str, s
     return out
 
 
+def parse_limits(text: Optional[str], flag: str = "--limit") -> dict[Optional[str], int]:
+    """``"100,wikitext=5,pile=20"`` -> {None: 100, "wikitext": 5, "pile": 20}: rows per task, a bare
+    number for every task not named (none: all rows). Task names are checked."""
+    out: dict[Optional[str], int] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.rpartition("=")
+        name = name.strip() if sep else None
+        if name is not None and name not in TASKS:
+            raise unknown_task_error(name, flag)
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1 or (sep and not name):
+            raise IcuError(f"{flag} expects N or TASK=N items (N >= 1), comma-separated, e.g. 100,wikitext=5; "
+                           f"got {item!r}")
+        out[name] = n
+    return out
+
+
 def parse_hub_spec(spec: str, default_split: str = "validation") -> HubSource:
     """``REPO[:CONFIG][@SPLIT][#REVISION]`` -> a :class:`HubSource`."""
     text, _, revision = spec.partition("#")
@@ -325,12 +348,15 @@ def load_task(
 
 
 def load_tasks(
-    sources: dict[str, Source], cache_dir: Optional[str] = None, limit: Optional[int] = None
+    sources: dict[str, Source], cache_dir: Optional[str] = None,
+    limit: Optional[int | dict[Optional[str], int]] = None,
 ) -> dict[str, TaskData]:
-    """Load every task up front, so bad input fails before a model is loaded."""
+    """Load every task up front, so bad input fails before a model is loaded. ``limit``: rows per
+    task, one number or :func:`parse_limits`' {task or None: N}."""
+    limits = limit if isinstance(limit, dict) else {None: limit}
     out = {}
     for name, source in sources.items():
-        data = load_task(name, source, cache_dir, limit)
+        data = load_task(name, source, cache_dir, limits.get(name, limits.get(None)))
         extra = f", {data.skipped} rows skipped" if data.skipped else ""
         logger.info("task %s: %d examples from %s%s", name, len(data.examples), data.source, extra)
         out[name] = data
