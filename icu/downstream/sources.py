@@ -93,13 +93,13 @@ def parse_limits(text: Optional[str], flag: str = "--limit") -> dict[Optional[st
             continue
         name, sep, value = item.rpartition("=")
         name = name.strip() if sep else None
-        if name is not None and name not in TASKS:
+        if name and name not in TASKS:
             raise unknown_task_error(name, flag)
         try:
             n = int(value)
         except ValueError:
             n = 0
-        if n < 1 or (sep and not name):
+        if n < 1 or name == "":
             raise IcuError(f"{flag} expects N or TASK=N items (N >= 1), comma-separated, e.g. 100,wikitext=5; "
                            f"got {item!r}")
         out[name] = n
