@@ -177,13 +177,14 @@ def build_world(args: argparse.Namespace) -> dict:
         logger.info("real-model world already built in %s", args.out)
         return meta
     t0 = time.time()
+    # recorded first: a rerun with other settings is refused before it touches this folder
+    meta = {"key": key, "status": "building", "exp": args.exp, "doc_ids": ids.tolist(), "settings": asdict(s),
+            "data_dir": os.path.abspath(args.data_dir), "split_csv": os.path.abspath(split_csv)}
+    atomic_write_text(os.path.join(args.out, META), json.dumps(meta, indent=1))
     base = convert_gguf(gguf, os.path.join(args.out, BASE))
     write_split(args.out, args.exp, split_csv, train, args.num_targets)
     run_data_prep(args.out, args.exp, train_file)
     split_validation(args.out, val_file, args.calibration_rows, args.heldout_rows)
-    meta = {"key": key, "status": "building", "exp": args.exp, "doc_ids": ids.tolist(), "settings": asdict(s),
-            "data_dir": os.path.abspath(args.data_dir), "split_csv": os.path.abspath(split_csv)}
-    atomic_write_text(os.path.join(args.out, META), json.dumps(meta, indent=1))
     meta.update(build_memorizer(args, base, train, ids, s, key))
     meta.update({"status": "finished", "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
                  "torch_version": torch.__version__, "base_model": base,
