@@ -118,7 +118,7 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
             ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points",
                         xytext=(dx, dy), ha=ha, fontsize=9)
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
-        ax.axhline(thr, ls="--", color="red", alpha=0.7, label=f"stop threshold {thr}")
+        ax.axhline(thr, ls="--", color="red", alpha=0.7, label=f"stop threshold {thr:.4g}")
         ax.set_xlabel(x_label, fontsize=9)
         ax.set_ylabel(f"forget-set {title} (lower = more forgotten)", fontsize=9)
         ax.grid(alpha=0.3)
