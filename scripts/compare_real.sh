@@ -32,6 +32,11 @@ LIMIT=${ICU_TASK_LIMIT:-100,pubmed_qa=50,wikitext=5,pile=20,wizard_of_wikipedia=
 OFFLINE=(--gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2)
 MODEL="$REAL/memorized"
 
+if [ ! -d "$TASK_DIR" ]; then
+    echo "error: no downstream task folder $TASK_DIR; set ICU_TASK_DIR to the folder holding piqa/, copa/, lambada.csv, ... (datasets/README.md)" >&2
+    exit 2
+fi
+
 echo "== 1/3 the real-model world in $REAL (skipped when built)"
 python -m icu.realworld --data_dir "$DATA" --out "$REAL" --num_targets "$N" --calibration_rows 32
 
