@@ -100,6 +100,17 @@ def test_memorize_resumes_where_it_stopped(gpt2_tok, tmp_path):
     assert [h["epoch"] for h in other] == [1]
 
 
+def test_targets_are_the_splits_first_n_and_too_many_is_refused(tmp_path):
+    from icu.data import write_split_csv
+
+    csv = str(tmp_path / "lm_extraction_4_0.csv")
+    write_split_csv(csv, [7, 2, 9, 4], ["a", "b", "c", "d"], corpus="pile")
+    train = np.zeros((10, 200), np.uint16)
+    assert world.target_ids(csv, train, 3).tolist() == [2, 7, 9]  # first 3 in the CSV, ascending
+    with pytest.raises(IcuError, match="--num_targets 5: the split .* has only 4 targets"):
+        world.target_ids(csv, train, 5)
+
+
 def test_world_refuses_other_settings(tmp_path):
     (tmp_path / world.META).write_text('{"key": "abc", "status": "finished"}')
     with pytest.raises(IcuError, match="built with other settings"):

@@ -55,8 +55,7 @@ class Encoded:
 def encode_targets(rows: np.ndarray, gpt2, tokenizer) -> Encoded:
     """Targets as the trainers encode them (the text of all 200 GPT-2 ids, 200 model tokens)."""
     enc = encode_rows(rows, np.arange(len(rows)), gpt2, tokenizer)
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    return Encoded(enc.input_ids, enc.attention_mask, labels)
+    return Encoded(enc.input_ids, enc.attention_mask, enc.labels)
 
 
 def encode_windows(rows: np.ndarray, gpt2, tokenizer, length: int = 110) -> Encoded:

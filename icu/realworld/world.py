@@ -37,7 +37,7 @@ from ..data import atomic_save_npy, atomic_write_text, load_split_csv, load_trai
 from ..errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from ..models import BUILTIN_GPT2, BUILTIN_MINILM, load_model, load_tokenizer
 from .convert import convert_gguf, find_gguf
-from .memorize import MemorizeSettings, encode_targets, encode_windows, mean_ma, memorize, mix_rows
+from .memorize import Encoded, MemorizeSettings, encode_targets, encode_windows, mean_ma, memorize, mix_rows
 
 logger = logging.getLogger("icu")
 
@@ -87,19 +87,21 @@ def check_same_world(out: str, key: str) -> Optional[dict]:
     return meta
 
 
-def write_split(out: str, exp: str, split_csv: str, train: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` targets of the paper's split as ``{out}/exp/{exp}/lm_extraction_{n}_0.csv``."""
-    df = load_split_csv(split_csv, len(train))
-    if n > len(df):
-        raise IcuError(f"--num_targets {n}: the split {split_csv} has only {len(df)} targets")
-    df = df.iloc[:n]
-    ids = np.sort(df["doc_id"].to_numpy(dtype=np.int64))
-    path = os.path.join(out, "exp", exp, f"lm_extraction_{n}_0.csv")
+def target_ids(split_csv: str, train: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` targets of the paper's split, ascending; IcuError when it has fewer."""
+    doc_ids = load_split_csv(split_csv, len(train))["doc_id"].to_numpy(dtype=np.int64)
+    if n > len(doc_ids):
+        raise IcuError(f"--num_targets {n}: the split {split_csv} has only {len(doc_ids)} targets")
+    return np.sort(doc_ids[:n])
+
+
+def write_split(out: str, exp: str, train: np.ndarray, ids: np.ndarray) -> None:
+    """The targets ``ids`` as the split ``{out}/exp/{exp}/lm_extraction_{n}_0.csv``."""
+    path = os.path.join(out, "exp", exp, f"lm_extraction_{len(ids)}_0.csv")
     if not os.path.isfile(path):
         gpt2 = load_tokenizer(BUILTIN_GPT2)
         write_split_csv(path, ids.tolist(), gpt2.batch_decode(train[ids].astype(np.int64).tolist()),
                         corpus="pile")
-    return ids
 
 
 def run_data_prep(out: str, exp: str, train_file: str) -> None:
@@ -118,12 +120,13 @@ def run_data_prep(out: str, exp: str, train_file: str) -> None:
 def build_memorizer(args: argparse.Namespace, base: str, train: np.ndarray, ids: np.ndarray,
                     s: MemorizeSettings, key: str) -> dict:
     """Fine-tune ``base`` on the targets; save it to ``{out}/memorized``. Returns its numbers."""
-    from ..forget_eval import evaluate_forget_set
     from ..data import encode_rows
+    from ..forget_eval import evaluate_forget_set
 
     gpt2, tok = load_tokenizer(BUILTIN_GPT2), load_tokenizer(base)
     model = load_model(base)
-    targets = encode_targets(train[ids], gpt2, tok)
+    encoded = encode_rows(train[ids], ids, gpt2, tok)  # as the trainers and eval.py encode them
+    targets = Encoded(encoded.input_ids, encoded.attention_mask, encoded.labels)
     windows = encode_windows(train[ids], gpt2, tok)
     mix = encode_targets(train[mix_rows(train, ids, MIX_POOL, s.seed)], gpt2, tok)
     before = {"ma": mean_ma(model, targets), "ma_window": mean_ma(model, windows)}
@@ -137,8 +140,7 @@ def build_memorizer(args: argparse.Namespace, base: str, train: np.ndarray, ids:
             f"after {last['epoch']} epochs the targets are not memorized yet (MA {last['ma']:.3f}, on their "
             f"prefix+suffix {last['ma_window']:.3f}; the aim is {s.target_ma}): rerun with a larger "
             "--max_epochs to continue where it stopped")
-    res = evaluate_forget_set(model, tok, gpt2, encode_rows(train[ids], ids, gpt2, tok), generation=False,
-                              batch_size=8, desc="memorized targets")
+    res = evaluate_forget_set(model, tok, gpt2, encoded, generation=False, batch_size=8, desc="memorized targets")
     after = {"ma": res.ma, "el_10": res.el[10], "ma_window": history[-1]["ma_window"]}
     final = os.path.join(args.out, MEMORIZED)
     tmp = final + ".tmp-save"
@@ -152,14 +154,13 @@ def build_memorizer(args: argparse.Namespace, base: str, train: np.ndarray, ids:
             "seconds_finetune": round(seconds, 1)}
 
 
-def split_validation(out: str, val_file: str, calibration_rows: int, heldout_rows: int) -> None:
+def validation_rows(val_file: str, calibration_rows: int, heldout_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint sets of validation rows: the first for calibration, the next for held-out loss."""
     val = load_train_array(val_file)
     if calibration_rows + heldout_rows > len(val):
         raise IcuError(f"--calibration_rows + --heldout_rows = {calibration_rows + heldout_rows} but "
                        f"{val_file} has {len(val)} rows")
-    atomic_save_npy(os.path.join(out, "unseen.npy"), val[:calibration_rows])
-    atomic_save_npy(os.path.join(out, "heldout.npy"), val[calibration_rows:calibration_rows + heldout_rows])
+    return val[:calibration_rows], val[calibration_rows:calibration_rows + heldout_rows]
 
 
 def build_world(args: argparse.Namespace) -> dict:
@@ -169,8 +170,9 @@ def build_world(args: argparse.Namespace) -> dict:
     train_file, val_file, split_csv = data_files(args.data_dir, args.exp)
     train = load_train_array(train_file)
     gguf = find_gguf()  # before anything long: a missing package is the most likely problem
+    ids = target_ids(split_csv, train, args.num_targets)
+    unseen, heldout = validation_rows(val_file, args.calibration_rows, args.heldout_rows)
     check_writable_dir(args.out, "--out")
-    ids = np.sort(load_split_csv(split_csv, len(train))["doc_id"].to_numpy(dtype=np.int64)[:args.num_targets])
     key = world_key(args, ids, s)
     meta = check_same_world(args.out, key)
     if meta and meta.get("status") == "finished":
@@ -182,9 +184,10 @@ def build_world(args: argparse.Namespace) -> dict:
             "data_dir": os.path.abspath(args.data_dir), "split_csv": os.path.abspath(split_csv)}
     atomic_write_text(os.path.join(args.out, META), json.dumps(meta, indent=1))
     base = convert_gguf(gguf, os.path.join(args.out, BASE))
-    write_split(args.out, args.exp, split_csv, train, args.num_targets)
+    write_split(args.out, args.exp, train, ids)
     run_data_prep(args.out, args.exp, train_file)
-    split_validation(args.out, val_file, args.calibration_rows, args.heldout_rows)
+    atomic_save_npy(os.path.join(args.out, "unseen.npy"), unseen)
+    atomic_save_npy(os.path.join(args.out, "heldout.npy"), heldout)
     meta.update(build_memorizer(args, base, train, ids, s, key))
     meta.update({"status": "finished", "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
                  "torch_version": torch.__version__, "base_model": base,
