@@ -1,5 +1,5 @@
 """The iterative unlearning loop, engine- and method-agnostic (docs/method.md: #loss,
-#validation, #stop-rule; the methods in README, "Methods").
+#validation, #stop-rule; the methods in docs/methods.md).
 
     validate (epoch 0) -> [train one epoch on the flagged pairs -> validate] ... until
         MA <= acc and some EL_n <= el, or no sample is flagged, or --max_epochs.

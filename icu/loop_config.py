@@ -29,7 +29,7 @@ class LoopConfig:
     exp: str
     model_name: str
     dir: str
-    method: str = setting("icu", f"unlearning method: {', '.join(METHOD_NAMES)} (README, Methods)")
+    method: str = setting("icu", f"unlearning method: {', '.join(METHOD_NAMES)} (docs/methods.md)")
     refine: str = setting("update", "update: train only the samples the last validation flagged "
                           "(iterative refinement); off: every sample, every epoch",
                           choices=REFINE_MODES)

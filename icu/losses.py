@@ -1,4 +1,4 @@
-"""Loss terms every method builds from (docs/method.md#loss; README, "Methods").
+"""Loss terms every method builds from (docs/method.md#loss; the methods in docs/methods.md).
 
 ICU combines three of them:
 
