@@ -4,6 +4,7 @@ and write one table, one trade-off plot and one results.json.
     python compare.py --exp exp0 --data_dir datasets/exp --model_name EleutherAI/gpt-neo-125m \\
         --methods original,ga,kl,llmu,po,npo,icu --dir result/compare_exp0 \\
         [--config my.yaml] [--tasks piqa,copa] [--heldout heldout_rows.npy]
+        [--exp exp0,exp1 --seeds 0,1,2 --baseline ga] [--lr_grid 1e-4,5e-5 --tune_exp tune]
 
 Big models: ``--trainer deepspeed --launcher_args "--num_gpus 4"`` runs
 ``deepspeed --num_gpus 4 train_neo_meanwhile_update_deepspeed.py ...`` for each method.
@@ -44,7 +45,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(the trainer's --thresholds; replaces config/compare.yaml's acc / el, a "
                         "--config file's acc / el still win)")
     p.add_argument("--heldout", default=None,
-                   help="(N, 200) uint16 .npy of rows no method trains on: its LM loss per model")
+                   help="(N, 200) uint16 .npy of rows no method trains on: their LM loss at every "
+                        "validation of every run (the trajectory) and per final model")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated trainer seeds, e.g. 0,1,2: every method runs once per seed "
+                        "(and per split of --exp); the table gives mean ± 95%% CI over the runs")
+    p.add_argument("--baseline", default=None,
+                   help="method the others are compared with, run by run (paired differences with "
+                        "their 95%% CI in differences.csv / .md)")
+    p.add_argument("--lr_grid", default=None,
+                   help="comma-separated learning rates tried for every trained method on --tune_exp "
+                        "(or lr lists per method in the config); the chosen lr runs the reported splits")
+    p.add_argument("--tune_exp", default=None,
+                   help="split of tuning targets for the lr grid; must share no target with --exp")
+    p.add_argument("--tune_heldout", default=None,
+                   help="held-out rows the tuning runs are scored on (default --heldout); other rows than "
+                        "the reported ones keep the choice from fitting the reported numbers")
+    p.add_argument("--unseen", default=None,
+                   help="(N, 200) uint16 .npy of rows no model saw: membership-inference AUCs of the "
+                        "forget targets against them (LOSS, zlib, Min-K%%, Min-K%%++) per model")
     p.add_argument("--tasks", default=None, help="valid.py tasks to score every model on (comma-separated)")
     p.add_argument("--task_dir", default=None, help="valid.py's --data_dir: folder of local task files")
     p.add_argument("--task_file", action="append", default=[], metavar="TASK=PATH",

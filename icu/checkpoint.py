@@ -38,6 +38,7 @@ SWAP_SUFFIXES = ("", ".tmp", ".old")
 RESUME_MUST_MATCH = (
     "exp", "uw", "lw", "kl", "f1", "bleu", "acc", "el", "el_ns", "target_length", "batch_size", "seed",
     "kl_mode", "method", "refine", "beta", "gamma", "el_start", "thresholds", "autocast",
+    "heldout",
 )
 _FLAG_NAMES = {"el_ns": "--el_n"}  # config keys whose command-line flag has another name
 

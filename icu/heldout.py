@@ -9,9 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import encode_rows, load_train_array
+from .data import EncodedSet, encode_rows, load_train_array
 from .errors import IcuError
-from .losses import lm_loss
 from .models import BUILTIN_GPT2, load_model, load_tokenizer
 
 
@@ -26,6 +25,49 @@ def load_heldout(path: str) -> np.ndarray:
     return load_train_array(path, name=f"--heldout {path}")
 
 
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean token NLL (B,) of causal-LM logits (B, L, V) against labels (B, L) shifted by
+    one, -100 ignored: each row's own loss, whatever else shares its batch."""
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)  # (B, L-1), 0 where ignored
+    counts = (targets != -100).sum(1).clamp(min=1)
+    return nll.sum(1) / counts
+
+
+@torch.no_grad()
+def heldout_row_losses(model: torch.nn.Module, enc: EncodedSet, indices, batch_size: int) -> np.ndarray:
+    """Per-row LM loss (len(indices),) of ``model`` on rows ``indices`` of ``enc`` (float64)."""
+    from .decoding.hf import model_device
+
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        idx = torch.as_tensor(indices[start : start + batch_size], dtype=torch.long)
+        logits = model(input_ids=enc.input_ids[idx].to(device),
+                       attention_mask=enc.attention_mask[idx].to(device)).logits  # (B, L, V)
+        out.append(row_losses(logits, enc.labels[idx].to(device)).double().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def summarize(losses: np.ndarray) -> dict[str, float]:
+    """The held-out loss (mean over rows) and its standard error over rows."""
+    losses = np.asarray(losses, dtype=np.float64)
+    se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
+    return {"loss": float(losses.mean()), "se": se, "rows": int(len(losses))}
+
+
+def encode_heldout(rows: np.ndarray, gpt2, tokenizer) -> EncodedSet:
+    """Held-out rows encoded as training samples (so the loss is on the trainer's scale)."""
+    return encode_rows(rows, np.arange(len(rows)), gpt2, tokenizer)
+
+
 @torch.no_grad()
 def mean_lm_loss(
     model_path: str,
@@ -36,18 +78,11 @@ def mean_lm_loss(
     device: str | torch.device = "cpu",
     dtype: Optional[str] = None,
 ) -> float:
-    """Mean over batches of the causal-LM loss on ``rows`` (encoded as training samples, so the
-    number is on the same scale as the trainer's val_loss)."""
+    """Mean over rows of each row's causal-LM loss on ``rows`` (encoded as training samples, as
+    the trainer's ``--heldout`` encodes them, so the two give the same number)."""
     gpt2 = load_tokenizer(gpt2_name)
     tok = load_tokenizer(tokenizer_name or model_path)
     model = load_model(model_path, dtype=dtype, device=device)
-    enc = encode_rows(rows, np.arange(len(rows)), gpt2, tok)
-    losses = []
-    for start in range(0, len(rows), batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(
-            input_ids=enc.input_ids[sl].to(device), attention_mask=enc.attention_mask[sl].to(device)
-        ).logits  # (B, L, V)
-        losses.append(lm_loss(logits, enc.labels[sl].to(device)).item())
+    losses = heldout_row_losses(model, encode_heldout(rows, gpt2, tok), range(len(rows)), batch_size)
     del model
-    return float(np.mean(losses))
+    return summarize(losses)["loss"]

@@ -41,7 +41,7 @@ from .engine import Engine
 from .errors import disk_errors
 from .loop_config import LoopConfig, final_model_dir, is_final_model_dir  # noqa: F401 (also re-exported)
 from .methods import StepBatch, get_method
-from .report import SCORE_COLUMNS, load_json, write_epoch_csv, write_history_files, write_json
+from .report import SCORE_COLUMNS, load_json, write_epoch_csv, write_heldout_csv, write_history_files, write_json
 
 logger = logging.getLogger("icu")
 
@@ -59,6 +59,7 @@ class LoopState:
     flags: Optional[np.ndarray] = None
     history: list[dict] = field(default_factory=list)
     stop_reason: Optional[str] = None
+    heldout_rows: dict[int, list[float]] = field(default_factory=dict)  # epoch -> per-row loss
 
 
 @dataclass
@@ -67,8 +68,9 @@ class Validation:
     flags: np.ndarray
     val_loss: float
     ma: float
-    el: dict[str, float]
+    el: dict[str, Optional[float]]  # None: skipped (--el_when needed)
     seconds: float
+    heldout: Optional[np.ndarray] = None  # (N,) per-row held-out LM loss
 
 
 def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
@@ -91,8 +93,9 @@ def stop_reason(ma: float, el: dict[str, float], n_flagged: int, acc: float, el_
     the two differ only on exact equality."""
     if refine and n_flagged == 0:
         return "no sample is flagged any more"
-    if ma <= acc and any(v <= el_thr for v in el.values()):
-        return f"MA {ma:.4f} <= {acc} and EL {min(el.values()):.4f} <= {el_thr}"
+    known = [v for v in el.values() if v is not None and not np.isnan(v)]  # None: EL skipped
+    if ma <= acc and any(v <= el_thr for v in known):
+        return f"MA {ma:.4f} <= {acc} and EL {min(known):.4f} <= {el_thr}"
     return None
 
 
@@ -113,6 +116,7 @@ class ICULoop:
         scorer,
         run_info: Optional[dict] = None,
         evaluator=None,
+        heldout=None,
     ):
         self.engine = engine
         self.cfg = cfg
@@ -130,56 +134,103 @@ class ICULoop:
         self.started = False  # True once this attempt has written run.json
         # Injectable for tests; the default is the shared forget-set evaluation.
         self.evaluator = evaluator
+        self.heldout = heldout  # EncodedSet of the --heldout rows, or None
 
     # ------------------------------------------------------------------ validation
 
     def validate(self, epoch: int) -> Validation:
-        """One validation pass over the forget set, sharded across ranks and gathered."""
+        """One validation pass over the forget set, sharded across ranks and gathered; with
+        ``--el_when needed`` the EL decoding runs only when this validation can end the run; with
+        ``--heldout`` the held-out rows' LM loss as well."""
+        t0 = time.time()
+        eng, cfg = self.engine, self.cfg
+        needed_only = cfg.el_when == "needed"
+        model = eng.unwrapped()  # every rank calls it: under ZeRO-3 it gathers the weights
+        per_sample, loss_sum, loss_batches = self.evaluate_shards(
+            model, epoch, el_ns=() if needed_only else cfg.el_ns, generation=True)
+        flags = per_sample["flag"].to_numpy(np.int64)
+        ma = float(per_sample["ma"].mean())
+        el_skipped = needed_only and not self.el_needed(epoch, ma, flags)
+        if needed_only and not el_skipped:  # a second, EL-only pass (its forward is cheap)
+            el_part, _, _ = self.evaluate_shards(model, epoch, el_ns=cfg.el_ns, generation=False)
+            for k in cfg.el_keys:
+                per_sample[k] = el_part[k].to_numpy()
+        elif el_skipped:
+            for k in cfg.el_keys:
+                per_sample[k] = np.nan
+        heldout = self.heldout_pass(model) if self.heldout is not None else None
+        del model
+        return Validation(
+            per_sample=per_sample,
+            flags=flags,
+            val_loss=loss_sum / max(loss_batches, 1),
+            ma=ma,
+            el={k: (None if el_skipped else float(per_sample[k].mean())) for k in cfg.el_keys},
+            seconds=time.time() - t0,
+            heldout=heldout,
+        )
+
+    def el_needed(self, epoch: int, ma: float, flags: np.ndarray) -> bool:
+        """Whether the stop rule can hold at this validation whatever EL is, or the run ends here:
+        only then does ``--el_when needed`` decode EL (the stop decision is then identical)."""
+        cfg = self.cfg
+        no_flags = cfg.refine == "update" and int(flags.sum()) == 0
+        return ma <= cfg.acc or no_flags or epoch >= cfg.max_epochs
+
+    def evaluate_shards(self, model, epoch: int, *, el_ns, generation: bool) -> tuple[pd.DataFrame, float, int]:
+        """The evaluator on this rank's share of the forget set, gathered over ranks: (the
+        per-sample table in row order, with the flags; the summed batch losses; the batch count)."""
         if self.evaluator is None:
             from .forget_eval import evaluate_forget_set
 
             self.evaluator = evaluate_forget_set
-        t0 = time.time()
         eng, cfg = self.engine, self.cfg
-        n = len(self.dataset.unlearn)
         batch_size = cfg.eval_batch_size or cfg.batch_size
-        indices = shard_indices(n, batch_size, eng.rank, eng.world_size)
-        model = eng.unwrapped()  # every rank calls it: under ZeRO-3 it gathers the weights
+        indices = shard_indices(len(self.dataset.unlearn), batch_size, eng.rank, eng.world_size)
+        mine = (None, 0.0, 0)  # more ranks than validation batches: this rank only joins the gather
         if indices:
             res = self.evaluator(
                 model, self.tokenizer, self.gpt2, self.dataset.unlearn,
-                scorer=self.scorer, batch_size=batch_size,
-                target_length=cfg.target_length, el_ns=cfg.el_ns, f1=cfg.f1, bleu=cfg.bleu,
-                indices=indices, progress=eng.is_main, desc=f"validation {epoch}", el_start=cfg.el_start,
+                scorer=self.scorer, batch_size=batch_size, generation=generation,
+                target_length=cfg.target_length, el_ns=tuple(el_ns), f1=cfg.f1, bleu=cfg.bleu,
+                indices=indices, progress=eng.is_main, el_start=cfg.el_start,
+                desc=f"validation {epoch}" if generation else f"EL {epoch}",
             )
             part = res.per_sample.copy()
             part["_row"] = indices
             part["flag"] = np.asarray(res.flags, dtype=np.int64)
             mine = (part, float(res.loss_sum), int(res.loss_batches))
-        else:  # more ranks than validation batches: this rank only joins the gather
-            mine = (None, 0.0, 0)
-        del model
         gathered = eng.all_gather_object(mine)
         parts = [g[0] for g in gathered if g[0] is not None]
-        per_sample = pd.concat(parts).sort_values("_row").reset_index(drop=True)
-        loss_sum = sum(g[1] for g in gathered)
-        loss_batches = sum(g[2] for g in gathered)
-        flags = per_sample["flag"].to_numpy(np.int64)
-        return Validation(
-            per_sample=per_sample.drop(columns=["_row"]),
-            flags=flags,
-            val_loss=loss_sum / max(loss_batches, 1),
-            ma=float(per_sample["ma"].mean()),
-            el={k: float(per_sample[k].mean()) for k in cfg.el_keys},
-            seconds=time.time() - t0,
-        )
+        per_sample = pd.concat(parts).sort_values("_row").reset_index(drop=True).drop(columns=["_row"])
+        return per_sample, sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+
+    def heldout_pass(self, model) -> np.ndarray:
+        """Per-row LM loss (N,) of the held-out rows, sharded over ranks like the validation."""
+        from .heldout import heldout_row_losses
+
+        eng = self.engine
+        batch_size = self.cfg.eval_batch_size or self.cfg.batch_size
+        indices = shard_indices(len(self.heldout), batch_size, eng.rank, eng.world_size)
+        losses = heldout_row_losses(model, self.heldout, indices, batch_size) if indices else np.zeros(0)
+        out = np.zeros(len(self.heldout))
+        for idx, part in eng.all_gather_object((indices, losses)):
+            out[idx] = part
+        return out
 
     def record(self, v: Validation, epoch: int, train_stats: dict) -> dict:
         """Fold a validation into the history and write the per-epoch files (main rank)."""
         cfg = self.cfg
         row: dict[str, Any] = {"epoch": epoch, "val_loss": v.val_loss, "acc": v.ma, **v.el}
+        row["el_skipped"] = any(x is None for x in v.el.values())
         for col in SCORE_COLUMNS:
             row[col] = float(v.per_sample[col].mean())
+        if v.heldout is not None:
+            from .heldout import summarize
+
+            h = summarize(v.heldout)
+            row["heldout_loss"], row["heldout_se"] = h["loss"], h["se"]
+            self.state.heldout_rows[epoch] = v.heldout.tolist()
         row["flagged"] = int(v.flags.sum())
         row["seconds_valid"] = round(v.seconds, 2)
         row.update(train_stats)
@@ -189,10 +240,13 @@ class ICULoop:
         if self.engine.is_main:
             write_epoch_csv(cfg.dir, epoch, v.per_sample)
             self.write_history_files()
+        show = lambda x: "skipped" if x is None else f"{x:.4f}"
         logger.info(
-            "epoch %d: val_loss %.4f  MA %.4f  %s  BLEU %.4f  F1 %.4f  flagged %d/%d  (validation %.1f s)",
-            epoch, v.val_loss, v.ma, "  ".join(f"{k.upper()} {val:.4f}" for k, val in v.el.items()),
-            row["bleu"], row["F1"], row["flagged"], len(v.flags), v.seconds,
+            "epoch %d: val_loss %.4f  MA %.4f  %s  BLEU %.4f  F1 %.4f  flagged %d/%d%s  (validation %.1f s)",
+            epoch, v.val_loss, v.ma, "  ".join(f"{k.upper()} {show(val)}" for k, val in v.el.items()),
+            row["bleu"], row["F1"], row["flagged"], len(v.flags),
+            f"  held-out loss {row['heldout_loss']:.4f} ± {row['heldout_se']:.4f}" if v.heldout is not None else "",
+            v.seconds,
         )
         return row
 
@@ -200,6 +254,8 @@ class ICULoop:
         cfg = self.cfg
         thresholds = {"acc": cfg.acc, "el": cfg.el, "bleu": cfg.bleu, "f1": cfg.f1}
         write_history_files(cfg.dir, self.state.history, cfg.el_keys, thresholds)
+        if self.state.heldout_rows:
+            write_heldout_csv(cfg.dir, self.state.heldout_rows)
 
     def stop_reason(self, ma: float, el: dict[str, float], n_flagged: int) -> Optional[str]:
         cfg = self.cfg
@@ -298,6 +354,7 @@ class ICULoop:
             "epoch": self.state.epoch,
             "flags": self.state.flags,
             "history": self.state.history,
+            "heldout_rows": self.state.heldout_rows,
             "rng": rng_states(),
             "config": self.cfg.__dict__,
         }
@@ -310,7 +367,8 @@ class ICULoop:
         state = load_state(self.ckpt_dir)
         saved_cfg = state.get("config") or {}
         check_resume_config(saved_cfg, self.cfg.__dict__)
-        self.state = LoopState(epoch=state["epoch"], flags=state["flags"], history=state["history"])
+        self.state = LoopState(epoch=state["epoch"], flags=state["flags"], history=state["history"],
+                               heldout_rows=state.get("heldout_rows") or {})
         load_engine_state(self.engine, self.ckpt_dir)
         self.engine.set_lr(self.cfg.lr)  # the optimizer state restored the checkpoint's lr
         old_lr = saved_cfg.get("lr", self.cfg.lr)

@@ -17,6 +17,7 @@ from .methods import METHOD_NAMES, get_method
 from .metrics import EL_START, el_column
 
 REFINE_MODES = ("update", "off")
+EL_WHEN = ("always", "needed")
 AUTOCAST_MODES = ("off", "bf16")
 
 
@@ -45,6 +46,13 @@ class LoopConfig:
     el: float = setting(0.0499, "EL threshold of the stop rule")
     el_ns: tuple[int, ...] = setting((10,), "comma-separated n of EL_n (stop when any is below --el)",
                                      flag="el_n", parse=lambda v: parse_int_list(v, "el_n"), type=str)
+    el_when: str = setting("always", "always: EL_n at every validation (the reference); needed: only at "
+                           "validations that can end the run (MA <= --acc, nothing flagged, or "
+                           "--max_epochs reached), recorded as skipped elsewhere: same stops, flags "
+                           "and weights, much cheaper validation", choices=EL_WHEN)
+    heldout: Optional[str] = setting(None, "(N, 200) uint16 .npy of rows never trained on: their LM loss "
+                                     "at every validation (history's heldout_loss / heldout_se, per row "
+                                     "in heldout.csv)", type=str)
     el_start: int = setting(EL_START, "first prefix length of EL_n: 150 = ICU's definition (default), "
                             "1 = Knowledge Unlearning's (docs/method.md#extraction-likelihood-el_n)")
     target_length: int = 200

@@ -43,6 +43,14 @@ def write_history_files(directory: str, history: list[dict], el_keys: list[str],
     plot_history(history, thresholds, os.path.join(directory, "metrics.png"), el_key=el_keys[0])
 
 
+def write_heldout_csv(directory: str, per_epoch: dict[int, list[float]]) -> None:
+    """``heldout.csv``: one line per held-out row (its index in the --heldout array), one
+    ``epoch{E}`` column per validation with that row's LM loss."""
+    cols = {"row": range(len(next(iter(per_epoch.values()))))}
+    cols.update({f"epoch{e}": per_epoch[e] for e in sorted(per_epoch)})
+    write_csv(os.path.join(directory, "heldout.csv"), pd.DataFrame(cols))
+
+
 def load_json(path: str) -> Any:
     """A JSON file written by :func:`write_json`; ValueError when it is not valid JSON."""
     with open(path, encoding="utf-8") as fh:

@@ -97,6 +97,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise IcuError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if args.resume and args.overwrite:
         raise IcuError("--resume and --overwrite contradict each other; pass one")
+    if args.heldout:  # a missing or malformed file fails before --dir is touched
+        from .heldout import load_heldout
+
+        load_heldout(args.heldout)
 
 
 def configure_method(args: argparse.Namespace) -> tuple[LoopConfig, Method, list[str]]:
@@ -225,6 +229,19 @@ def load_pairs(args: argparse.Namespace, tokenizer, gpt2, vocab_size: int) -> Pa
     return pairs
 
 
+def load_heldout_set(args: argparse.Namespace, gpt2, tokenizer, vocab_size: int):
+    """``--heldout`` rows encoded as training samples (checked like the forget set), or None."""
+    if not args.heldout:
+        return None
+    from .heldout import encode_heldout, load_heldout
+
+    rows = validate_token_array(load_heldout(args.heldout), f"--heldout {args.heldout}", len(gpt2))
+    enc = encode_heldout(rows, gpt2, tokenizer)
+    check_vocab(enc.input_ids.numpy(), vocab_size,
+                f"--heldout {args.heldout} encoded by {args.tokenizer_name or args.model_name}")
+    return enc
+
+
 def load_start_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The model to train: ``--model_name``, or on --resume the checkpoint's copy."""
     if not args.resume:
@@ -278,6 +295,7 @@ def run_training(
     check_el_positions(model.config, args.target_length, args.el_start, args.model_name)
 
     reference = build_reference(args, model, device) if method.needs_reference(cfg) else None
+    heldout = load_heldout_set(args, gpt2, tokenizer, model.get_input_embeddings().num_embeddings)
 
     scorer = get_bertscorer(args.bert_name, device)
     engine = make_engine(model)
@@ -299,7 +317,7 @@ def run_training(
     }
     loop = ICULoop(
         engine, cfg, tokenizer=tokenizer, gpt2_tokenizer=gpt2, dataset=dataset,
-        reference_model=reference, scorer=scorer, run_info=run_info,
+        reference_model=reference, scorer=scorer, run_info=run_info, heldout=heldout,
     )
     summary = run_loop(loop, args)
     if is_main:

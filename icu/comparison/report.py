@@ -1,5 +1,8 @@
-"""compare.py's outputs from the methods' rows: comparison.csv / .md (one row per method),
-tradeoff.png (forgetting against general ability) and results.json (for evaluation/)."""
+"""compare.py's outputs from the methods' rows: comparison.csv / .md (one row per method: the
+run's numbers, or over several runs their mean and 95% CI), runs.csv (one row per run and
+method), trajectories.csv (every validation), differences.csv / .md (paired against --baseline),
+tradeoff.png (forgetting against general ability along each run) and results.json (for
+evaluation/)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ from ..errors import disk_errors
 logger = logging.getLogger("icu")
 
 FORGET_COLUMNS = ("bleu", "F1", "val_loss")
+MIA_COLUMNS = ("auc_loss", "auc_zlib", "auc_min_k", "auc_min_k_pp")
+# the columns a multi-run table summarizes as mean ± CI (plus the EL and task columns)
+SUMMARY_COLUMNS = ("epochs", "seconds", "ma", "bleu", "F1", "val_loss", "heldout_loss", "heldout_at_threshold",
+                   "epoch_at_threshold", "ma_overshoot", *MIA_COLUMNS)
+# the paired differences against the baseline
+DIFF_COLUMNS = ("heldout_at_threshold", "heldout_loss", "ma", "auc_min_k_pp", "epochs")
 
 
 def el_keys(el_n: str) -> list[str]:
@@ -45,11 +54,20 @@ def _num(value: Any) -> Optional[float]:
 def flat_row(row: dict, tasks: Sequence[str], els: Sequence[str], thresholds: dict[str, float]) -> dict:
     """One method's table row from its row.json content."""
     ev = row.get("eval") or {}
-    out: dict[str, Any] = {"method": row["method"], "epochs": row.get("epochs"), "seconds": row.get("seconds"),
+    out: dict[str, Any] = {"method": row["method"], "exp": row.get("exp"), "seed": row.get("seed"),
+                           "lr": _num(row.get("lr")), "epochs": row.get("epochs"), "seconds": row.get("seconds"),
                            "ma": _num(ev.get("ma"))}
     out.update({k: _num(ev.get(k)) for k in els})
     out.update({k: _num(ev.get(k)) for k in FORGET_COLUMNS})
     out["heldout_loss"] = _num((row.get("heldout") or {}).get("loss"))
+    out["heldout_se"] = _num((row.get("heldout") or {}).get("se"))
+    at = row.get("at_threshold") or {}
+    out["heldout_at_threshold"] = _num(at.get("loss"))
+    out["epoch_at_threshold"] = _num(at.get("epoch"))
+    # how far the stop point went past the MA threshold (> 0: forgot more than asked)
+    out["ma_overshoot"] = thresholds["acc"] - out["ma"] if out["ma"] is not None and row["method"] != "original" else None
+    mia = row.get("membership") or {}
+    out.update({k: _num(mia.get(k)) for k in MIA_COLUMNS})
     values = (row.get("tasks") or {}).get("values") or {}
     out.update({t: _num(values.get(t)) for t in tasks})
     if tasks:
@@ -131,11 +149,11 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
     os.replace(tmp, path)
 
 
-def write_results_json(out_dir: str, methods: Sequence[str]) -> None:
-    """Every evaluated method as a policy of evaluation/'s results.json (evaluation.convert)."""
+def write_results_json(out_dir: str, policies: Sequence[tuple[str, str]]) -> None:
+    """Every evaluated method as a policy of evaluation/'s results.json (evaluation.convert);
+    ``policies``: (name, its eval unlearn.csv)."""
     from evaluation.convert import InputError, convert, write_json_atomic
 
-    policies = [(m, os.path.join(out_dir, m, "eval", "unlearn.csv")) for m in methods]
     policies = [(m, p) for m, p in policies if os.path.isfile(p)]
     if not policies:
         return
@@ -145,20 +163,161 @@ def write_results_json(out_dir: str, methods: Sequence[str]) -> None:
         logger.warning("results.json not written: %s", exc)
 
 
+def trajectories(rows: Sequence[dict]) -> pd.DataFrame:
+    """Every validation of every run: method, exp, seed, epoch, MA, EL, held-out loss and SE."""
+    recs = [{"method": r["method"], "exp": r.get("exp"), "seed": r.get("seed"), **p}
+            for r in rows for p in (r.get("trajectory") or [])]
+    return pd.DataFrame(recs)
+
+
+def summarize_runs(df: pd.DataFrame, columns: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+    """Per method: the number of runs, then each column's mean and 95% CI half-width (t) over runs."""
+    from .stats import t_interval
+
+    out = []
+    for m in methods:
+        sub = df[df["method"] == m]
+        rec: dict[str, Any] = {"method": m, "runs": len(sub)}
+        if "under_thresholds" in sub:
+            vals = [v for v in sub["under_thresholds"] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            rec["reached_thresholds"] = f"{sum(bool(v) for v in vals)}/{len(sub)}"
+        for c in columns:
+            ci = t_interval(pd.to_numeric(sub[c], errors="coerce").tolist())
+            rec[c], rec[f"{c}_ci"] = ci["mean"], ci["half"]
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def paired_table(df: pd.DataFrame, baseline: str, methods: Sequence[str]) -> pd.DataFrame:
+    """method − baseline run by run, mean and 95% CI over runs, for DIFF_COLUMNS. Runs pair on
+    (split, seed); the untrained model (seed None, one run per split) pairs on the split."""
+    from .stats import paired_differences
+
+    def values(m: str, col: str) -> dict:
+        sub = df[df["method"] == m]
+        return {(r["exp"], None if pd.isna(r["seed"]) else int(r["seed"])): _num(r[col]) for _, r in sub.iterrows()}
+
+    out = []
+    for m in methods:
+        if m == baseline:
+            continue
+        for col in (c for c in DIFF_COLUMNS if c in df):
+            a, b = values(m, col), values(baseline, col)
+            keys = sorted(set(a) | set(b), key=str)
+            pick = lambda d, k: d.get(k, d.get((k[0], None)))  # a per-split value stands for every seed
+            keys = [k for k in keys if k[1] is not None] or keys
+            pa = {k: pick(a, k) for k in keys}
+            pb = {k: pick(b, k) for k in keys}
+            d = paired_differences({k: v for k, v in pa.items() if v is not None},
+                                   {k: v for k, v in pb.items() if v is not None})
+            out.append({"method": m, "baseline": baseline, "column": col, "diff": d["mean"], "ci": d["half"],
+                        "runs": d["n"], "ci_excludes_zero": d["excludes_zero"]})
+    return pd.DataFrame(out)
+
+
+def plot_trajectories(traj: pd.DataFrame, flat: pd.DataFrame, thresholds: dict[str, float], path: str) -> None:
+    """Forget-set MA (x) against held-out loss (y) along every run, one colour per method (a
+    thin line per run, its stop point marked), the MA stop threshold as a vertical line; the
+    untrained model as a star. Lower-left is better: forgotten, ability kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, m in enumerate(dict.fromkeys(traj["method"])):
+        sub = traj[traj["method"] == m]
+        colour = f"C{i % 10}"
+        first = True
+        for _, run in sub.groupby(["exp", "seed"], dropna=False, sort=False):
+            run = run.sort_values("epoch")
+            if m == "original":
+                ax.scatter(run["acc"], run["heldout_loss"], marker="*", s=160, color="black",
+                           label="original" if first else None, zorder=3)
+            else:
+                ax.plot(run["acc"], run["heldout_loss"], color=colour, alpha=0.75, lw=1.2, marker=".",
+                        label=m if first else None)
+                ax.scatter(run["acc"].iloc[-1:], run["heldout_loss"].iloc[-1:], color=colour, s=40, zorder=3)
+            first = False
+    ax.axvline(thresholds["acc"], ls="--", color="red", alpha=0.7, label=f"MA stop threshold {thresholds['acc']:.4g}")
+    ax.set_xlabel("forget-set memorization accuracy (MA; lower = more forgotten)", fontsize=9)
+    ax.set_ylabel("held-out LM loss (lower = more general ability kept)", fontsize=9)
+    ax.invert_xaxis()  # training moves left to right: from memorized towards forgotten
+    n_runs = flat.groupby("method").size().max() if len(flat) else 0
+    ax.set_title(f"trajectories: one line per run ({n_runs} per method), dot = stop point", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n: str,
-                 thresholds: dict[str, float]) -> str:
-    """Write the four outputs for ``rows``; returns the markdown table."""
+                 thresholds: dict[str, float], baseline: Optional[str] = None, multi: bool = False,
+                 eval_paths: Optional[Sequence[tuple[str, str]]] = None) -> str:
+    """Write the outputs for ``rows`` (one per run and method); returns the markdown table."""
     els = el_keys(el_n)
     df = pd.DataFrame([flat_row(r, tasks, els, thresholds) for r in rows])
-    md_cols = [c for c in df.columns if c not in ("model_dir", "under_thresholds")]
-    if df["heldout_loss"].isna().all():
-        md_cols.remove("heldout_loss")
-    table = markdown_table(df[md_cols])
-    note = (f"\n\nForget-set columns from eval.py; thresholds: MA <= {thresholds['acc']:.4g}, "
-            f"{els[0].upper().replace('_', '')} <= {thresholds['el']:.4g}.\n")
+    # the untrained model is listed once per split, however many seeds
+    df = df.drop_duplicates(subset=["method", "exp", "seed"], keep="last").reset_index(drop=True)
+    uniq = {(r["method"], r.get("exp"), r.get("seed")): r for r in rows}
+    traj = trajectories(list(uniq.values()))
+    has_traj = len(traj) and "heldout_loss" in traj and traj["heldout_loss"].notna().any()
+    methods = list(dict.fromkeys(df["method"]))
+    note = (f"\n\nThresholds: MA <= {thresholds['acc']:.4g}, {els[0].upper().replace('_', '')} <= "
+            f"{thresholds['el']:.4g}. heldout_at_threshold: held-out loss where the run's MA crossed the "
+            "MA threshold (interpolated between validations); ma_overshoot: threshold − MA at the stop.\n")
+    if multi:
+        numeric = [c for c in (*SUMMARY_COLUMNS[:3], *els, *SUMMARY_COLUMNS[3:], *tasks,
+                               *(["downstream_mean"] if tasks else [])) if c in df and df[c].notna().any()]
+        summary = summarize_runs(df, numeric, methods)
+        shown = ["method", "runs", "reached_thresholds"] + numeric
+        md = summary[["method", "runs", "reached_thresholds"]].copy()
+        for c in numeric:
+            md[c] = [_interval_cell(a, b) for a, b in zip(summary[c], summary[f"{c}_ci"])]
+        table = markdown_table(md[shown])
+        note += (f"\nEach cell: mean ± half-width of the 95% t confidence interval over the runs "
+                 f"({df.groupby('method').size().to_dict()} runs per method; the untrained model has one "
+                 "run per split).\n")
+    else:
+        summary = df
+        md_cols = [c for c in df.columns if c not in ("model_dir", "under_thresholds", "exp", "seed")
+                   and (c in ("method", "stop_reason", "epochs", "seconds") or df[c].notna().any())]
+        table = markdown_table(df[md_cols])
     with disk_errors(out_dir):
-        atomic_write_text(os.path.join(out_dir, "comparison.csv"), df.to_csv(index=False))
+        atomic_write_text(os.path.join(out_dir, "comparison.csv"), summary.to_csv(index=False))
         atomic_write_text(os.path.join(out_dir, "comparison.md"), table + note)
-        plot_tradeoff(df, els, thresholds, os.path.join(out_dir, "tradeoff.png"))
-        write_results_json(out_dir, [r["method"] for r in rows])
+        atomic_write_text(os.path.join(out_dir, "runs.csv"), df.to_csv(index=False))
+        if len(traj):
+            atomic_write_text(os.path.join(out_dir, "trajectories.csv"), traj.to_csv(index=False))
+        if baseline and baseline in methods and len(methods) > 1:
+            diff = paired_table(df, baseline, methods)
+            atomic_write_text(os.path.join(out_dir, "differences.csv"), diff.to_csv(index=False))
+            atomic_write_text(os.path.join(out_dir, "differences.md"), differences_markdown(diff))
+        if has_traj:
+            plot_trajectories(traj, df, thresholds, os.path.join(out_dir, "tradeoff.png"))
+        else:
+            plot_tradeoff(df, els, thresholds, os.path.join(out_dir, "tradeoff.png"))
+        write_results_json(out_dir, eval_paths if eval_paths is not None else
+                           [(m, os.path.join(out_dir, m, "eval", "unlearn.csv")) for m in methods])
     return table
+
+
+def _interval_cell(mean: Any, half: Any) -> str:
+    from .stats import format_interval
+
+    return format_interval(_num(mean), _num(half), digits=4)
+
+
+def differences_markdown(diff: pd.DataFrame) -> str:
+    """One line per method and column: "icu − ga, heldout_at_threshold: x ± y (n runs)"."""
+    from .stats import format_interval
+
+    lines = ["| difference | column | mean ± 95% CI | runs | CI excludes 0 |", "|---|---|---|---|---|"]
+    for _, r in diff.iterrows():
+        lines.append(f"| {r['method']} − {r['baseline']} | {r['column']} | "
+                     f"{format_interval(_num(r['diff']), _num(r['ci']), 4)} | {r['runs']} | "
+                     f"{'yes' if r['ci_excludes_zero'] else 'no'} |")
+    return "\n".join(lines) + "\n\nPaired by run (split and seed); 95% t interval over the runs.\n"

@@ -8,6 +8,10 @@
         -> {out}/unseen.npy       validation rows for eval.py --calibrate (never trained on)
         -> {out}/heldout.npy      other validation rows for compare.py --heldout
         -> {out}/real.json        settings, timings, MA / EL10 before and after memorizing
+        -> {out}/exp/tune, exp/test   the targets halved (ascending doc_id: first half tune, second
+                                  half test) with their learn rows: lrs are tuned on one half
+                                  and reported on the other (compare.py --tune_exp tune --exp test)
+        -> {out}/heldout_test.npy, heldout_tune.npy   heldout.npy halved the same way
 
 Each step is skipped when its output is already there; the fine-tune resumes after its last
 finished epoch. Changing a setting of an existing world is refused (delete ``{out}`` or choose
@@ -163,6 +167,31 @@ def validation_rows(val_file: str, calibration_rows: int, heldout_rows: int) -> 
     return val[:calibration_rows], val[calibration_rows:calibration_rows + heldout_rows]
 
 
+def write_tune_test(out: str, exp: str) -> dict:
+    """Split ``{out}/exp/{exp}`` into ``tune`` (the first half of the targets by doc_id) and
+    ``test`` (the rest), each target keeping its learn row, and heldout.npy into halves the same
+    way; skipped when present. Returns the two halves' doc ids."""
+    from ..data import load_experiment, save_set
+
+    root = os.path.join(out, "exp")
+    unlearn, u_ids, learn, l_ids = load_experiment(root, exp)
+    order = np.argsort(u_ids, kind="stable")
+    half = len(order) // 2
+    if half == 0:
+        raise IcuError(f"{exp} has {len(order)} target(s); a tune / test split needs at least 2")
+    parts = {"tune": order[:half], "test": order[half:]}
+    for name, idx in parts.items():
+        if not os.path.isfile(os.path.join(root, name, "learn", "_dataset.npy")):
+            save_set(os.path.join(root, name, "unlearn"), unlearn[idx], u_ids[idx])
+            save_set(os.path.join(root, name, "learn"), learn[idx], l_ids[idx])
+    heldout = np.load(os.path.join(out, "heldout.npy"))
+    cut = len(heldout) // 2
+    for name, rows in (("heldout_test.npy", heldout[:cut]), ("heldout_tune.npy", heldout[cut:])):
+        if not os.path.isfile(os.path.join(out, name)):
+            atomic_save_npy(os.path.join(out, name), rows)
+    return {name: u_ids[idx].tolist() for name, idx in parts.items()}
+
+
 def build_world(args: argparse.Namespace) -> dict:
     s = MemorizeSettings(lr=args.lr, batch_targets=args.batch_targets, batch_mix=args.batch_mix,
                          max_epochs=args.max_epochs, target_ma=args.target_ma,
@@ -177,6 +206,7 @@ def build_world(args: argparse.Namespace) -> dict:
     meta = check_same_world(args.out, key)
     if meta and meta.get("status") == "finished":
         logger.info("real-model world already built in %s", args.out)
+        meta["splits"] = write_tune_test(args.out, args.exp)  # worlds built before the split existed
         return meta
     t0 = time.time()
     # recorded first: a rerun with other settings is refused before it touches this folder
@@ -189,6 +219,7 @@ def build_world(args: argparse.Namespace) -> dict:
     atomic_save_npy(os.path.join(args.out, "unseen.npy"), unseen)
     atomic_save_npy(os.path.join(args.out, "heldout.npy"), heldout)
     meta.update(build_memorizer(args, base, train, ids, s, key))
+    meta["splits"] = write_tune_test(args.out, args.exp)
     meta.update({"status": "finished", "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
                  "torch_version": torch.__version__, "base_model": base,
                  "memorized_model": os.path.join(args.out, MEMORIZED)})
