@@ -18,20 +18,29 @@ Calibration (forgetting thresholds measured on rows the model never saw):
 
 writes ``{dir}/thresholds.json`` (for the trainers' ``--thresholds``) and ``{dir}/calibration.csv``
 (one row per unseen row).
+
+Membership inference (docs/method.md#membership-inference): the same unseen rows without
+``--calibrate`` (``--unseen ROWS.npy``, or ``--unseen_rows IDS.npy --train_file ...``; ``--limit``
+keeps the first N) add the ROC AUC separating the targets from them under four scores:
+``{dir}/membership.csv`` (one row per target and unseen row), ``{dir}/membership.json`` (the AUCs,
+row counts, k fraction) and the columns auc_loss, auc_zlib, auc_min_k, auc_min_k_pp in eval.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Optional
 
 from icu.calibration import add_calibration_args
 from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, resolve_device, setup_logging
-from icu.errors import IcuError, check_writable_dir, exit_on_user_error
+from icu.errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from icu.metrics import EL_START, el_column
 
 EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
+MEMBERSHIP_CSV = "membership.csv"
+MEMBERSHIP_JSON = "membership.json"
 
 
 def parse_el_n(text: str) -> tuple[int, ...]:
@@ -62,8 +71,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.gen_batch_size is not None:
         check_positive(args, "gen_batch_size")
     check_positive(args, "el_start")
-    if not args.calibrate and (args.unseen or args.unseen_rows or args.limit is not None):
-        raise IcuError("--unseen, --unseen_rows and --limit belong to --calibrate; add --calibrate")
+    if args.limit is not None and not (args.unseen or args.unseen_rows):
+        raise IcuError("--limit counts unseen rows; it needs --unseen or --unseen_rows")
     args.el_ns = parse_el_n(args.el_n)
     return args
 
@@ -120,10 +129,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     log = setup_logging(os.path.join(args.dir, "eval.log"))
     log.info("eval.py %s", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "el_ns"))
     rows, doc_ids = load_forget_set(args.data_dir, args.exp)
+    # membership inference's unseen rows: read and checked before the model is loaded
+    unseen = load_unseen_for_membership(args, rows) if (args.unseen or args.unseen_rows) else None
     if args.num_workers:
         log.info("--num_workers %d: accepted for compatibility; the set is encoded up front", args.num_workers)
     model, tok, gpt2, data, scorer = load_scored(args, device, rows, doc_ids, f"split {args.exp}")
     log.info("%s: %d targets, model %s on %s (%s)", args.exp, len(data), args.model_name, device, args.dtype)
+    membership = None
+    if unseen is not None:
+        # before the long pass: an unseen row the model cannot read fails here, in seconds
+        membership = run_membership(args, log, model, tok, gpt2, rows, doc_ids, unseen)
 
     res = evaluate_forget_set(
         model, tok, gpt2, data, scorer=scorer, batch_size=args.batch_size,
@@ -135,13 +150,66 @@ def main(argv: Optional[list[str]] = None) -> None:
     per_sample = res.per_sample.sort_values("id", kind="stable")
     summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
     summary.update(val_loss=res.val_loss, ma=res.ma, **{c: res.el[n] for n, c in zip(args.el_ns, el_cols)})
+    if membership is not None:
+        summary.update(membership[1])
     # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.
     # The reference's columns first (evaluation/convert.py reads them by name), then ours.
     columns = list(GEN_COLUMNS) + ["ma"] + el_cols + ["loss"]
-    atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[columns].to_csv(index=False))
-    atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
+    written = ["unlearn.csv", "eval.csv"]
+    with disk_errors(args.dir):
+        if membership is not None:
+            per_row, _, report = membership
+            atomic_write_text(os.path.join(args.dir, MEMBERSHIP_CSV), per_row.to_csv(index=False))
+            atomic_write_text(os.path.join(args.dir, MEMBERSHIP_JSON), json.dumps(report, indent=2) + "\n")
+            written += [MEMBERSHIP_CSV, MEMBERSHIP_JSON]
+        atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[columns].to_csv(index=False))
+        atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
     log.info("eval %s: %s", args.exp, "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    log.info("wrote %s and %s", os.path.join(args.dir, "unlearn.csv"), os.path.join(args.dir, "eval.csv"))
+    log.info("wrote %s", " and ".join(os.path.join(args.dir, name) for name in written))
+
+
+def load_unseen_for_membership(args: argparse.Namespace, forget_rows):
+    """(rows, ids, description) of --unseen / --unseen_rows (checked as --calibrate checks them:
+    (N, 200) uint16 GPT-2 ids, not empty, --limit), refusing rows that are forget-set targets."""
+    from icu.calibration import check_not_forget_set, load_unseen
+
+    rows, ids, what = load_unseen(args)
+    check_not_forget_set(rows, args.data_dir, args.exp, what, forget=forget_rows)
+    return rows, ids, what
+
+
+def run_membership(args: argparse.Namespace, log, model, tok, gpt2, rows, doc_ids, unseen):
+    """Membership inference of the targets against the unseen rows: (per-row frame, the four
+    AUCs, membership.json's content)."""
+    import time
+
+    from icu.membership import MIN_K_FRACTION, membership_eval, reads_gpt2_ids
+
+    unseen_rows, unseen_ids, what = unseen
+    t0 = time.time()
+    per_row, aucs = membership_eval(
+        model, tok, gpt2, rows, unseen_rows, args.batch_size, target_ids=doc_ids, unseen_ids=unseen_ids,
+        progress=not args.no_progress,
+    )
+    report = {
+        **aucs,
+        "n_target": int((per_row["kind"] == "target").sum()),
+        "n_unseen": int((per_row["kind"] == "unseen").sum()),
+        "min_k_fraction": MIN_K_FRACTION,
+        "reads": ("the rows' 200 GPT-2 ids" if reads_gpt2_ids(tok)
+                  else f"the rows' text re-encoded by {args.tokenizer_name or args.model_name}"),
+        "zlib_text": "the GPT-2 decode of each 200-id row, UTF-8, zlib default level",
+        "model": args.model_name,
+        "exp": args.exp,
+        "unseen": what,
+        "seconds": round(time.time() - t0, 2),
+    }
+    log.info(
+        "membership inference, %d targets vs %d unseen rows: AUC loss %.4f  zlib %.4f  min_k %.4f  min_k_pp %.4f "
+        "(0.5 = indistinguishable)", report["n_target"], report["n_unseen"], aucs["auc_loss"], aucs["auc_zlib"],
+        aucs["auc_min_k"], aucs["auc_min_k_pp"],
+    )
+    return per_row, aucs, report
 
 if __name__ == "__main__":
     main()

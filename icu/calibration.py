@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+from typing import Optional
+
 import numpy as np
 
 from .data import atomic_write_text, load_train_array
@@ -27,10 +29,12 @@ CSV_COLUMNS = ("id", "ma", "bleu", "P", "R", "F1", "loss", "reference", "candida
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration (eval.py --calibrate)")
+    g = p.add_argument_group("unseen rows: calibration (--calibrate), else membership inference's negatives")
     g.add_argument("--calibrate", action="store_true",
                    help="score rows the model never saw and write {dir}/thresholds.json and calibration.csv")
-    g.add_argument("--unseen", default=None, help="(N, 200) uint16 array of unseen rows, e.g. val_dataset.npy")
+    g.add_argument("--unseen", default=None,
+                   help="(N, 200) uint16 array of unseen rows, e.g. val_dataset.npy; without --calibrate: "
+                        "membership inference of the targets against them")
     g.add_argument("--unseen_rows", default=None,
                    help="int .npy of row indices into --train_file that the model never saw (e.g. heldout_ids.npy)")
     g.add_argument("--train_file", default=None, help="the rows --unseen_rows indexes")
@@ -42,7 +46,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 def load_unseen(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     """(rows (N, 200) uint16, their ids, a description) from --unseen or --unseen_rows."""
     if (args.unseen is None) == (args.unseen_rows is None):
-        raise IcuError("--calibrate needs exactly one of --unseen FILE.npy or --unseen_rows IDS.npy (with --train_file)")
+        raise IcuError("give exactly one of --unseen FILE.npy or --unseen_rows IDS.npy (with --train_file)")
     if args.unseen is not None:
         rows = load_train_array(args.unseen, vocab_size=GPT2_VOCAB, name=f"--unseen {args.unseen}")
         ids, what = np.arange(len(rows), dtype=np.int64), args.unseen
@@ -75,15 +79,18 @@ def _load_ids(path: str, n_train: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def check_not_forget_set(rows: np.ndarray, data_dir: str, exp: str, what: str) -> None:
-    """Refuse unseen rows that are forget-set targets (by content): the model trained on them."""
+def check_not_forget_set(rows: np.ndarray, data_dir: str, exp: str, what: str,
+                         forget: Optional[np.ndarray] = None) -> None:
+    """Refuse unseen rows that are forget-set targets (by content): the model trained on them.
+    ``forget``: the forget set's rows when the caller has them (else read from ``data_dir``)."""
     from .forget_eval import load_forget_set
 
-    try:
-        forget, _ = load_forget_set(data_dir, exp)
-    except IcuError:
-        logger.info("no forget set %s under %s: overlap with it not checked", exp, data_dir)
-        return
+    if forget is None:
+        try:
+            forget, _ = load_forget_set(data_dir, exp)
+        except IcuError:
+            logger.info("no forget set %s under %s: overlap with it not checked", exp, data_dir)
+            return
     shared = shared_rows(rows, forget)
     if len(shared):
         raise IcuError(
