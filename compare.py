@@ -70,6 +70,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="a local file for one task (valid.py's --task_file); repeatable")
     p.add_argument("--task_limit", default=None,
                    help="valid.py's --limit: rows per task, N and/or TASK=N items (e.g. 100,wikitext=5)")
+    p.add_argument("--task_runs", type=int, default=None,
+                   help="valid.py on the first N runs only (default every run): downstream tasks are the "
+                        "slowest step, and one run gives their level")
     p.add_argument("--el_n", default="10", help="eval.py's extraction-likelihood n, comma-separated")
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch of eval.py, valid.py and the held-out loss (default --batch_size)")
@@ -82,6 +85,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
     if args.eval_batch_size is not None:
         check_positive(args, "eval_batch_size")
+    if args.task_runs is not None:
+        check_positive(args, "task_runs")
     if args.task_limit is not None:
         from icu.downstream import parse_limits
 

@@ -5,6 +5,7 @@ peak memory of each.
     python bench/bench_real.py                          # steps + validation (~3 min on 2 cores)
     python bench/bench_real.py --compare                # also runs scripts/compare_real.sh, timed
     python bench/bench_real.py --summary_only           # the timings of a finished comparison
+    python bench/bench_real.py --epoch_only --unlearned M  # seconds per epoch, --el_when always vs needed
 
 Needs the world (`python -m icu.realworld`, see README "Real model"); the comparison needs what
 scripts/compare_real.sh needs. Prints a table and one JSON line; say the machine's load (printed)
@@ -40,7 +41,8 @@ def pairs(real: str, batch_size: int):
     from icu.models import BUILTIN_GPT2, load_tokenizer
 
     gpt2, tok = load_tokenizer(BUILTIN_GPT2), load_tokenizer(os.path.join(real, "memorized"))
-    u, uid, l, lid = load_experiment(os.path.join(real, "exp"), "exp0")
+    exp = "test" if os.path.isdir(os.path.join(real, "exp", "test")) else "exp0"  # the study's reported targets
+    u, uid, l, lid = load_experiment(os.path.join(real, "exp"), exp)
     data = PairedDataset(encode_rows(u, uid, gpt2, tok), encode_rows(l, lid, gpt2, tok))
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
     return batch, data, gpt2, tok
@@ -84,8 +86,9 @@ def time_steps(real: str, batch_size: int, repeats: int) -> list[dict]:
     return out
 
 
-def time_validation(real: str, batch_size: int, model_dir: str, label: str) -> dict:
-    """One validation pass (generation check, BERTScore, MA, EL10) over the forget set."""
+def time_validation(real: str, batch_size: int, model_dir: str, label: str, el_ns=(10,)) -> dict:
+    """One validation pass (generation check, BERTScore, MA, and EL10 unless ``el_ns`` is empty:
+    --el_when needed at a validation that cannot stop the run) over the forget set."""
     from icu.forget_eval import evaluate_forget_set
     from icu.metrics import get_bertscorer
     from icu.models import BUILTIN_MINILM, load_model
@@ -94,13 +97,44 @@ def time_validation(real: str, batch_size: int, model_dir: str, label: str) -> d
     model = load_model(model_dir)
     scorer = get_bertscorer(BUILTIN_MINILM)
     t0 = time.perf_counter()
-    res = evaluate_forget_set(model, tok, gpt2, data.unlearn, scorer=scorer, batch_size=batch_size, progress=False)
+    res = evaluate_forget_set(model, tok, gpt2, data.unlearn, scorer=scorer, batch_size=batch_size, progress=False,
+                              el_ns=el_ns)
     seconds = time.perf_counter() - t0
-    row = {"what": f"validation pass, {len(data)} targets, {label}", "seconds": round(seconds, 1),
-           "ma": round(res.ma, 4), "el_10": round(res.el[10], 4),
+    row = {"what": f"validation pass, {len(data)} targets, {label}{'' if el_ns else ', no EL'}",
+           "seconds": round(seconds, 1), "ma": round(res.ma, 4), "el_10": round(res.el[10], 4) if el_ns else None,
            "phases": {k: round(v, 1) for k, v in res.seconds.items()}}
     print(f"  {row['what']}: {row['seconds']} s {row['phases']}", flush=True)
     return row
+
+
+def time_heldout(real: str, batch_size: int, rows: int) -> dict:
+    """The held-out pass of every validation (--heldout): seconds for ``rows`` rows."""
+    import numpy as np
+
+    from icu.heldout import encode_heldout, heldout_row_losses
+    from icu.models import BUILTIN_GPT2, load_model, load_tokenizer
+
+    model_dir = os.path.join(real, "memorized")
+    held = np.load(os.path.join(real, "heldout.npy"))[:rows]
+    enc = encode_heldout(held, load_tokenizer(BUILTIN_GPT2), load_tokenizer(model_dir))
+    model = load_model(model_dir)
+    t0 = time.perf_counter()
+    heldout_row_losses(model, enc, range(len(held)), batch_size)
+    row = {"what": f"held-out pass, {len(held)} rows", "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"  {row['what']}: {row['seconds']} s", flush=True)
+    return row
+
+
+def epoch_table(result: dict, steps_per_epoch: int, step_key: str) -> None:
+    """Seconds per epoch of one method under --el_when always and needed (a validation that
+    cannot stop the run), from the timed parts."""
+    step = next(s["seconds"] for s in result["steps"] if s["what"] == step_key)
+    held = result["heldout"]["seconds"]
+    for v_always, v_needed in zip(result["validation"][0::2], result["validation"][1::2]):
+        always = steps_per_epoch * step + v_always["seconds"] + held
+        needed = steps_per_epoch * step + v_needed["seconds"] + held
+        print(f"  epoch ({steps_per_epoch} x {step_key}, {v_always['what']}, + held-out): always {always:.0f} s, "
+              f"needed {needed:.0f} s ({100 * (1 - needed / always):.0f}% less)", flush=True)
 
 
 def comparison_summary(out_dir: str) -> dict:
@@ -122,13 +156,30 @@ def main() -> None:
     p.add_argument("--compare_dir", default=os.path.join(REPO, "result", "compare_real"))
     p.add_argument("--unlearned", default=None, help="also time validation on this (unlearned) model folder")
     p.add_argument("--summary_only", action="store_true", help="only summarize --compare_dir")
+    p.add_argument("--epoch_only", action="store_true",
+                   help="only the parts of an epoch: steps at --batch_size, validation with and without EL, "
+                        "the held-out pass; prints seconds per epoch under --el_when always and needed")
+    p.add_argument("--heldout_rows", type=int, default=64, help="held-out rows of the timed held-out pass")
+    p.add_argument("--steps_per_epoch", type=int, default=8, help="optimizer steps per epoch (16 targets, batch 2)")
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.real, "real.json")):
         sys.exit(f"error: no real-model world in {args.real}; build it with `python -m icu.realworld` (README, Real model)")
     torch.set_grad_enabled(True)
     print(f"load average before: {os.getloadavg()}, torch threads {torch.get_num_threads()}", flush=True)
     result: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads()}
-    if not args.summary_only:
+    if args.epoch_only:
+        result["steps"] = time_steps(args.real, args.batch_size, args.repeats)
+        with torch.no_grad():
+            result["validation"] = []
+            for label, model_dir in (("memorizing model", os.path.join(args.real, "memorized")),
+                                     ("unlearned model", args.unlearned)):
+                if model_dir:
+                    for el_ns in ((10,), ()):
+                        result["validation"].append(time_validation(args.real, 8, model_dir, label, el_ns))
+            result["heldout"] = time_heldout(args.real, 8, args.heldout_rows)
+        for name in ("ga", "icu"):
+            epoch_table(result, args.steps_per_epoch, f"train step {name} (bf16 autocast)")
+    elif not args.summary_only:
         result["steps"] = time_steps(args.real, args.batch_size, args.repeats)
         with torch.no_grad():
             result["validation"] = [time_validation(args.real, args.batch_size, os.path.join(args.real, "memorized"),

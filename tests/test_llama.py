@@ -352,3 +352,13 @@ def test_decode_rows_count_the_key_value_heads_of_grouped_query_attention():
     assert kv_width(tiny_neo().config) == tiny_neo().config.hidden_size
     full = tiny_llama(0, num_kv_heads=gqa.config.num_attention_heads)
     assert default_decode_rows(gqa, 2000) == 2 * default_decode_rows(full, 2000)
+
+
+@pytest.mark.slow
+def test_el_when_needed_is_the_same_run_on_tiny_llama(llama_world, tmp_path):
+    from test_trainer_cli import check_el_when_needed_is_the_same_run
+
+    w = llama_world
+    argv = ["--exp", "mini", "--data_dir", str(w["root"] / "data"), "--model_name", w["model"], *OFFLINE,
+            "--batch_size", "2", "--lr", "1e-3", "--method", "ga", "--f1", "0", "--bleu", "0", *LENGTHS]
+    check_el_when_needed_is_the_same_run(argv, tmp_path)

@@ -234,3 +234,43 @@ def test_damaged_checkpoint_model_is_one_line(tmp_path):
     with pytest.raises(IcuError, match=r"--resume: the model weights in .*model.safetensors are missing, truncated or "
                                        r"corrupt .*start over with --overwrite"):
         load_start_model(args, "cpu")
+
+
+def check_el_when_needed_is_the_same_run(argv, tmp_path):
+    """Train 2 epochs computing EL everywhere (always, a stop rule that cannot hold), then again
+    with --el_when needed and an MA threshold between epoch 1's and epoch 2's MA: the second run
+    stops at epoch 2 on the MA rule, skips EL before it, and is the same run (history, flags,
+    weights). ``argv``: the trainer's flags without --dir/--acc/--el/--max_epochs/--el_when."""
+    import torch
+
+    from icu.models import load_model
+
+    trainer.main([*argv, "--dir", str(tmp_path / "always"), "--el_when", "always", "--acc", "0",
+                  "--el", "1", "--max_epochs", "2"])
+    a = pd.read_csv(tmp_path / "always" / "history.csv")
+    assert a["acc"][2] < a["acc"][1], "the check needs MA to fall in epoch 2"
+    acc = float((a["acc"][1] + a["acc"][2]) / 2)
+    trainer.main([*argv, "--dir", str(tmp_path / "needed"), "--el_when", "needed", "--acc", repr(acc),
+                  "--el", "1", "--max_epochs", "4"])
+    b = pd.read_csv(tmp_path / "needed" / "history.csv")
+    run = json.loads((tmp_path / "needed" / "run.json").read_text())
+    assert run["epochs"] == 2 and run["stop_reason"].startswith("MA")
+    cols = ["epoch", "val_loss", "acc", "bleu", "F1", "flagged", "loss_unlearn"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=0, atol=0)
+    assert b["el_skipped"].tolist() == [True, True, False] and b["el_10"][:2].isna().all()
+    assert b["el_10"][2] == a["el_10"][2]
+    for e in range(3):  # the flags, target by target
+        fa = pd.read_csv(tmp_path / "always" / f"epoch{e}.csv")["flag"]
+        fb = pd.read_csv(tmp_path / "needed" / f"epoch{e}.csv")["flag"]
+        assert fa.tolist() == fb.tolist()
+    wa = load_model(json.loads((tmp_path / "always" / "run.json").read_text())["model_dir"]).state_dict()
+    wb = load_model(run["model_dir"]).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_el_when_needed_is_the_same_run_on_the_toy(mini_exp, tmp_path):
+    root, model = mini_exp
+    argv = ["--exp", "mini", "--data_dir", str(root), "--model_name", model, *OFFLINE,
+            "--batch_size", "4", "--method", "ga", "--lr", "3e-4"]
+    check_el_when_needed_is_the_same_run(argv, tmp_path)

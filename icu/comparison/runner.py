@@ -451,7 +451,7 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
         save_row(md, row)
     in_process_measures(args, plan, method, md, row, tokenizer)
     want = {"names": plan.tasks, "limit": args.task_limit}
-    if plan.tasks and {k: (row.get("tasks") or {}).get(k) for k in want} != want:
+    if plan.tasks and row.get("with_tasks", True) and {k: (row.get("tasks") or {}).get(k) for k in want} != want:
         cmd = valid_command(args, model_dir, tokenizer, plan.tasks, md.valid)
         rc = run_step(cmd, md.out_file("valid"), method)
         failure = check_step(rc, md.out_file("valid"), f"{method}: valid.py")
@@ -541,6 +541,7 @@ def run_method(args: argparse.Namespace, plan: Plan, run: RunKey, method: str) -
     row = {} if fresh else old
     row.pop("failed", None)
     row.update(method=method, exp=run.exp, seed=None if method == ORIGINAL else run.seed, **info)
+    row["with_tasks"] = args.task_runs is None or plan.runs.index(run) < args.task_runs
     if method != ORIGINAL:
         row["at_threshold"] = equal_forgetting(row.get("trajectory") or [], plan.thresholds["acc"])
     evaluate(args, plan, method, md, row, tokenizer)
