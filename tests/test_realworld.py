@@ -32,8 +32,9 @@ def test_missing_data_names_every_file_and_where(tmp_path):
     with pytest.raises(IcuError) as err:
         world.data_files(str(tmp_path), "exp0")
     msg = str(err.value)
-    assert "val_dataset.npy" in msg and os.path.join("exp", "exp0", "lm_extraction_128_0.csv") in msg
-    assert "train_dataset.npy," not in msg.split("missing:")[1].split(".", 1)[0]  # present: not listed
+    listed = msg.split("missing: ", 1)[1].split(". Put ", 1)[0].split(", ")
+    # exactly the two absent files; train_dataset.npy is present, so it is not listed
+    assert listed == [str(tmp_path / "val_dataset.npy"), str(tmp_path / "exp" / "exp0" / "lm_extraction_128_0.csv")]
     assert "--data_dir" in msg
 
 
