@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from icu.console import setup_console
 from icu.data import (
     PREPREFIX_END,
     atomic_write_text,
@@ -168,6 +169,7 @@ def write_split(out: str, train: np.ndarray, ids: np.ndarray, emb, k: int) -> in
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    setup_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     args = parse_args(argv)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import sys
 
+from icu.console import setup_console
 from icu.errors import EXIT_USAGE, IcuError
 from icu.trainer import parse_args, run_training
 
 
 def main(argv=None) -> None:
+    setup_console()  # before deepspeed is imported: its log lines go to stderr
     args = parse_args(argv, distributed=True)
     from icu.ds_config import build_ds_config
     from icu.engine import (DeepSpeedEngine, agree_on_error, check_deepspeed_checkpoint,

@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = load_results(results_path)
         if args.dry_run:
             return _dry_run(results, cache_path, cfg, args)
-        report = judge(results, cache_path, cfg, progress=not args.no_progress)
+        # a bar only on a terminal: in a log file its redraws pile up on one line
+        report = judge(results, cache_path, cfg, progress=not args.no_progress and sys.stderr.isatty())
         assert report.summary is not None
         write_summary(report.summary, summary_path)
     except (InputError, JudgeError) as exc:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .console import setup_console
 from .errors import IcuError
 
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125m"
@@ -139,7 +140,9 @@ def check_unit_interval(args: argparse.Namespace, *names: str) -> None:
 
 
 def setup_logging(log_file: Optional[str] = None, rank: int = 0) -> logging.Logger:
-    """Log to stderr (rank 0 only at INFO) and, when given, to ``log_file`` (appending)."""
+    """Log to stderr (rank 0 only at INFO) and, when given, to ``log_file`` (appending). Sets the
+    script's console up too (icu.console: stdout for its own output, bars only on a terminal)."""
+    setup_console()
     logger = logging.getLogger("icu")
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):

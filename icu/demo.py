@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .data import load_train_array
+from .console import setup_console
 from .errors import IcuError, exit_on_user_error
 from .heldout import mean_lm_loss
 
@@ -54,6 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--run", required=True, help="the trainer's --dir")
     p.add_argument("--heldout_rows", type=int, default=256)
     args = p.parse_args(argv)
+    setup_console()
 
     with open(os.path.join(args.run, "run.json"), encoding="utf-8") as fh:
         run = json.load(fh)

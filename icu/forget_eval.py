@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .console import bar_disabled
 from .data import EncodedSet, load_experiment, load_set
 from .decoding.beam import generate_candidates
 from .decoding.continuations import ContinuationBuilder, GreedyStats
@@ -194,7 +195,7 @@ def evaluate_forget_set(
     clock = _PhaseClock(model_device(inner))
     with _eval_mode(model, inner), torch.no_grad():
         bar = tqdm(total=N * (2 if generation else 1), desc=desc, unit="sample",
-                   disable=not progress, leave=False)
+                   disable=bar_disabled(progress), leave=False)
         ma, tok_loss, batch_losses, el = _forward_phase(
             inner, data, indices, batch_size=batch_size, target_length=target_length, el_ns=el_ns,
             el_start=el_start, pad_id=pad_id, eos=eos, decode_rows=decode_rows, stats=stats,

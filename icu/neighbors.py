@@ -11,18 +11,20 @@ from typing import Sequence
 
 import numpy as np
 
+from .console import bar_disabled
+
 
 def embed_texts(
     texts: Sequence[str], model_path: str, device: str = "cpu", batch_size: int = 64
 ) -> np.ndarray:
-    """(len(texts), dim) float32 embeddings, with a progress bar."""
+    """(len(texts), dim) float32 embeddings, with a progress bar on a terminal."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_path, device=device)
     emb = model.encode(
         list(texts),
         batch_size=batch_size,
-        show_progress_bar=True,
+        show_progress_bar=not bar_disabled(),  # in a log it would be thousands of redraws on one line
         convert_to_numpy=True,
     )
     return np.asarray(emb, dtype=np.float32)

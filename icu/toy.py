@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .console import bar_disabled, setup_console
 from .data import PREPREFIX_END, ROW_LEN, atomic_write_text, write_split_csv
 from .errors import exit_on_user_error
 from .models import builtin_gpt2_tokenizer
@@ -139,7 +140,7 @@ def _train(model, targets: torch.Tensor, seen: torch.Tensor, used: torch.Tensor,
         return F.cross_entropy(logits.reshape(-1, len(used)), remap[x[:, 1:]].reshape(-1))
 
     window = targets[:, PREPREFIX_END:]
-    bar = tqdm(total=s["steps"], desc="toy model", unit="step")
+    bar = tqdm(total=s["steps"], desc="toy model", unit="step", disable=bar_disabled())
     while step < s["steps"]:
         ti = torch.randint(0, len(targets), (s["batch_targets"],), generator=gen)
         si = torch.randint(0, len(seen), (s["batch_seen"],), generator=gen)
@@ -264,6 +265,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--num_targets", type=int, default=DEFAULTS["num_targets"])
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="upper bound on steps")
     args = p.parse_args(argv)
+    setup_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     meta = build_toy(
         args.out, seed=args.seed, num_docs=args.num_docs, num_targets=args.num_targets, steps=args.steps

@@ -16,7 +16,8 @@
 #                                heldout_test.npy at every validation; membership inference
 #                                against the unseen rows; valid.py on the first run only
 #
-# Needs two data folders:
+# Needs: pip install -r requirements.txt (the model file is fetched into $ICU_CACHE on first use, or
+# ICU_GGUF=PATH names a copy of SmolLM2-135M-Instruct.Q4_1.gguf you have), and two data folders:
 #   ICU_LMX_DIR  (default datasets)            train_dataset.npy, val_dataset.npy, exp/exp0/lm_extraction_128_0.csv
 #   ICU_TASK_DIR (default datasets/validation) piqa/, copa/, lambada.csv, pubmed_qa.csv, wikitext.csv,
 #                                              pile.csv and the four dialog JSONs
@@ -43,7 +44,8 @@ if [ ! -d "$TASK_DIR" ]; then
 fi
 
 echo "== 1/3 the real-model world in $REAL (skipped when built)"
-python -m icu.realworld --data_dir "$DATA" --out "$REAL" --num_targets 32 --calibration_rows 64 --heldout_rows 512
+python -m icu.realworld --data_dir "$DATA" --out "$REAL" --num_targets 32 --calibration_rows 64 --heldout_rows 512 \
+    ${ICU_GGUF:+--gguf "$ICU_GGUF"}
 
 if [ "$QUICK" = 1 ]; then
     OUT=${ICU_COMPARE_DIR:-result/compare_real_quick}

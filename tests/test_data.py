@@ -120,11 +120,26 @@ def test_real_eos_in_text_stays_a_label(gpt2_tok):
 
 
 def test_paired_dataset(gpt2_tok):
-    rows = np.asarray([gpt2_tok("Hello world " * 120)["input_ids"][:200]] * 3, dtype=np.uint16)
-    u = data.encode_rows(rows, [0, 1, 2], gpt2_tok, gpt2_tok)
-    ds = data.PairedDataset(u, u)
-    item = ds[2]
-    assert item["index"].item() == 2 and item["learn_input_ids"].shape == (200,)
+    """Item i is unlearn row i with learn row i, every field from its own side and row: six
+    different rows, so a swapped pair, side or field shows."""
+    rows = np.asarray([gpt2_tok(f"Row {i}: " + f"{word} " * 200)["input_ids"][:200]
+                       for i, word in enumerate(["apple", "river", "stone", "cloud", "ember", "maple"])], np.uint16)
+    u = data.encode_rows(rows[:3], [10, 11, 12], gpt2_tok, gpt2_tok)
+    l = data.encode_rows(rows[3:], [20, 21, 22], gpt2_tok, gpt2_tok)
+    ds = data.PairedDataset(u, l)
+    assert len(ds) == 3
+    for i in range(3):
+        item = ds[i]
+        assert item["index"].item() == i
+        for side, enc in (("unlearn", u), ("learn", l)):
+            assert torch.equal(item[f"{side}_input_ids"], enc.input_ids[i]) and item[f"{side}_input_ids"].shape == (200,)
+            assert torch.equal(item[f"{side}_attention_mask"], enc.attention_mask[i])
+            assert torch.equal(item[f"{side}_labels"], enc.labels[i])
+    # the six rows really differ, so the equalities above pin each pair
+    ids = [ds[i][f"{side}_input_ids"] for side in ("unlearn", "learn") for i in range(3)]
+    assert all(not torch.equal(a, b) for k, a in enumerate(ids) for b in ids[k + 1:])
+    labels = [ds[i][f"{side}_labels"] for side in ("unlearn", "learn") for i in range(3)]
+    assert all(not torch.equal(a, b) for k, a in enumerate(labels) for b in labels[k + 1:])
     short = data.encode_rows(rows[:2], [0, 1], gpt2_tok, gpt2_tok)
     with pytest.raises(IcuError, match="pair one to one"):
         data.PairedDataset(u, short)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 
+import deepspeed  # noqa: F401  in requirements.txt: imported plainly, so a failed install fails here instead of skipping
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,7 +28,6 @@ import torch
 
 from conftest import REPO, save_split
 
-pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # every test here launches DeepSpeed processes (~10 s each, more the first time)
 
 TIMEOUT = 900

@@ -68,8 +68,7 @@ def test_hub_schema_files_load_too():
 
 
 def test_csv_parquet_json_forms_of_one_table_agree(tmp_path):
-    pd = pytest.importorskip("pandas")
-    pytest.importorskip("pyarrow")
+    import pandas as pd  # to_parquet needs pyarrow, which datasets (requirements.txt) installs
     rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "hellaswag.jsonl"))]
     expected = load_task("hellaswag", LocalSource(os.path.join(FIXTURES, "hellaswag.jsonl"))).examples
     pd.DataFrame(rows).to_parquet(tmp_path / "h.parquet")

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 
+import gguf  # in requirements.txt: imported plainly, so a failed install fails here instead of skipping
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="reading a GGUF needs the PyPI package gguf")
-
-from icu.models import load_model, load_tokenizer  # noqa: E402
-from icu.realworld import convert  # noqa: E402
-from tiny import LLAMA_BOS, LLAMA_EOS, LLAMA_SPECIALS, tiny_llama, tiny_llama_tokenizer  # noqa: E402
+from icu.models import load_model, load_tokenizer
+from icu.realworld import convert
+from tiny import LLAMA_BOS, LLAMA_EOS, LLAMA_SPECIALS, tiny_llama, tiny_llama_tokenizer
 
 TEXTS = ["The old lighthouse keeper counted the ships, 42 of them!",
          "  two spaces, a tab\tand caf\u00e9 \u00fcber na\u00efve \u2014 ok?",

@@ -21,15 +21,26 @@ def test_builtin_gpt2_ids():
 
 
 def test_builtin_gpt2_matches_shared_bpe_files(shared_dir):
-    """The packaged BPE equals the reference copy in ../shared/tokenizer/gpt2."""
+    """The packaged BPE equals the reference copy in ../shared/tokenizer/gpt2: the vocabulary
+    (encoder.json = vocab.json) and the merges in their order (vocab.bpe = merges.txt; the
+    packaged file starts with a "#version" line, the reference copy does not)."""
     import json
     import os
 
-    with open(models.gpt2_bpe_files()[0], encoding="utf-8") as fh:
+    vocab_file, merges_file = models.gpt2_bpe_files()
+    reference = os.path.join(shared_dir, "tokenizer", "gpt2")
+    with open(vocab_file, encoding="utf-8") as fh:
         packaged = json.load(fh)
-    with open(os.path.join(shared_dir, "tokenizer", "gpt2", "vocab.json"), encoding="utf-8") as fh:
-        reference = json.load(fh)
-    assert packaged == reference
+    with open(os.path.join(reference, "vocab.json"), encoding="utf-8") as fh:
+        assert packaged == json.load(fh)
+
+    def merges(path):
+        with open(path, encoding="utf-8") as fh:
+            return [line for line in fh.read().splitlines() if line and not line.startswith("#version")]
+
+    packaged_merges = merges(merges_file)
+    assert len(packaged_merges) == 50000  # GPT-2's merges: 50257 tokens = 256 bytes + 50000 merges + eos
+    assert packaged_merges == merges(os.path.join(reference, "merges.txt"))
 
 
 def test_left_padding_pads_with_eos():

