@@ -6,6 +6,7 @@ peak memory of each.
     python bench/bench_real.py --compare                # also runs scripts/compare_real.sh, timed
     python bench/bench_real.py --summary_only           # the timings of a finished comparison
     python bench/bench_real.py --epoch_only --unlearned M  # seconds per epoch, --el_when always vs needed
+    python bench/bench_real.py --from_runs result/compare_real # the same, read off a study's runs
 
 Needs the world (`python -m icu.realworld`, see README "Real model"); the comparison needs what
 scripts/compare_real.sh needs. Prints a table and one JSON line; say the machine's load (printed)
@@ -137,6 +138,35 @@ def epoch_table(result: dict, steps_per_epoch: int, step_key: str) -> None:
               f"needed {needed:.0f} s ({100 * (1 - needed / always):.0f}% less)", flush=True)
 
 
+def runs_epoch_summary(root: str) -> dict:
+    """Seconds per epoch of every finished trainer run under ``root`` (its history.csv): training,
+    validations that skipped EL (--el_when needed) and validations that decoded it."""
+    import pandas as pd
+
+    frames = []
+    for path in glob.glob(os.path.join(glob.escape(root), "**", "train", "history.csv"), recursive=True):
+        df = pd.read_csv(path)
+        if "el_skipped" in df:
+            df["method"] = os.path.basename(os.path.dirname(os.path.dirname(path)))
+            df["method"] = df["method"].where(~df["method"].str.startswith("lr"), path.split(os.sep)[-4])
+            frames.append(df)
+    if not frames:
+        sys.exit(f"error: no trainer history.csv with el_skipped under {root}")
+    df = pd.concat(frames)
+    out = {"runs": len(frames), "validations": len(df)}
+    for name, sub in (("validation_el_skipped", df[df["el_skipped"]]), ("validation_el_decoded", df[~df["el_skipped"]])):
+        out[name] = {"n": len(sub), "mean_seconds": round(float(sub["seconds_valid"].mean()), 1)}
+    train = df[df["epoch"] > 0].groupby("method")["seconds_train"].mean().round(1).to_dict()
+    out["train_seconds_per_epoch"] = train
+    for m, t in train.items():
+        skip, dec = out["validation_el_skipped"]["mean_seconds"], out["validation_el_decoded"]["mean_seconds"]
+        print(f"  {m}: epoch = train {t} s + validation: EL skipped {skip} s (needed) / EL decoded {dec} s "
+              f"(always; includes the extra forward of needed's EL pass) -> {t + skip:.0f} s vs {t + dec:.0f} s", flush=True)
+    print(f"  ({out['runs']} runs, {out['validations']} validations; "
+          f"{out['validation_el_skipped']['n']} skipped EL, {out['validation_el_decoded']['n']} decoded it)")
+    return out
+
+
 def comparison_summary(out_dir: str) -> dict:
     """Per-method seconds of a comparison folder: the trainer's own time and each step's span."""
     rows = {}
@@ -149,7 +179,7 @@ def comparison_summary(out_dir: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--real", default=os.path.join(REPO, "datasets", "real"), help="python -m icu.realworld --out")
+    p.add_argument("--real", default=os.path.join(REPO, "datasets", "real_n32"), help="python -m icu.realworld --out")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="steps timed per method (the fastest counts)")
     p.add_argument("--compare", action="store_true", help="also run scripts/compare_real.sh and time it")
@@ -159,9 +189,15 @@ def main() -> None:
     p.add_argument("--epoch_only", action="store_true",
                    help="only the parts of an epoch: steps at --batch_size, validation with and without EL, "
                         "the held-out pass; prints seconds per epoch under --el_when always and needed")
+    p.add_argument("--from_runs", default=None,
+                   help="only read the trainer runs under this folder (a study's --dir): seconds per epoch "
+                        "with EL skipped and decoded")
     p.add_argument("--heldout_rows", type=int, default=64, help="held-out rows of the timed held-out pass")
     p.add_argument("--steps_per_epoch", type=int, default=8, help="optimizer steps per epoch (16 targets, batch 2)")
     args = p.parse_args()
+    if args.from_runs:
+        print(json.dumps(runs_epoch_summary(args.from_runs)))
+        return
     if not os.path.isfile(os.path.join(args.real, "real.json")):
         sys.exit(f"error: no real-model world in {args.real}; build it with `python -m icu.realworld` (README, Real model)")
     torch.set_grad_enabled(True)

@@ -387,7 +387,9 @@ def equal_forgetting(points: list[dict], acc: float) -> dict:
     ma = [p["acc"] for p in points]
     at = crossing(ma, [p["heldout_loss"] if p["heldout_loss"] is not None else math.nan for p in points], acc)
     se = crossing(ma, [p.get("heldout_se") if p.get("heldout_se") is not None else math.nan for p in points], acc)
-    return {"loss": at["value"], "se": se["value"], "epoch": at["epoch"], "reached": at["reached"]}
+    finite = lambda v: None if v is None or math.isnan(v) else float(v)  # row.json holds no NaN
+    return {"loss": finite(at["value"]), "se": finite(se["value"]), "epoch": finite(at["epoch"]),
+            "reached": at["reached"]}
 
 
 def reuse_last_validation(args: argparse.Namespace, md: MethodDir, model_dir: str) -> Optional[dict]:
@@ -494,7 +496,8 @@ def in_process_measures(args: argparse.Namespace, plan: Plan, method: str, md: M
     if need_heldout:
         losses = heldout_row_losses(model, encode_heldout(plan.heldout, gpt2, tok), range(len(plan.heldout)), batch)
         h = summarize(losses)
-        row["heldout"] = {"key": plan.heldout_key, "rows": h["rows"], "loss": h["loss"], "se": h["se"],
+        row["heldout"] = {"key": plan.heldout_key, "rows": h["rows"], "loss": h["loss"],
+                          "se": None if math.isnan(h["se"]) else h["se"],
                           "file": args.heldout, "source": "compare.py"}
         logger.info("%s: held-out LM loss %.4f ± %.4f (SE) on %d rows (%.1f s)", method, h["loss"], h["se"],
                     h["rows"], time.time() - t0)
