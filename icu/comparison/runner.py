@@ -602,11 +602,11 @@ def tune(args: argparse.Namespace, plan: Plan) -> None:
             r["chosen"] = r["lr"] == best["lr"]
         results += rows
         logger.info("tuning %s: chose lr %g (%s)", method, best["lr"], reason)
-    with disk_errors(args.dir):
-        atomic_write_text(os.path.join(args.dir, "tuning.csv"), pd.DataFrame(results).to_csv(index=False))
-        write_json(os.path.join(args.dir, "tuning.json"), {
-            "tune_exp": args.tune_exp, "seed": seed, "heldout": heldout, "acc": plan.thresholds["acc"],
-            "chosen": choices, "grid": results})
+        with disk_errors(args.dir):  # after every method: a long tuning shows its progress
+            atomic_write_text(os.path.join(args.dir, "tuning.csv"), pd.DataFrame(results).to_csv(index=False))
+            write_json(os.path.join(args.dir, "tuning.json"), {
+                "tune_exp": args.tune_exp, "seed": seed, "heldout": heldout, "acc": plan.thresholds["acc"],
+                "chosen": choices, "grid": results})
     for run in plan.runs:  # the reported runs' folders must match the chosen lrs
         for method in plan.grids:
             check_existing_run(run_args(args, run), method, run_params(plan.params[method], run),
