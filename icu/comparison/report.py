@@ -321,3 +321,34 @@ def differences_markdown(diff: pd.DataFrame) -> str:
                      f"{format_interval(_num(r['diff']), _num(r['ci']), 4)} | {r['runs']} | "
                      f"{'yes' if r['ci_excludes_zero'] else 'no'} |")
     return "\n".join(lines) + "\n\nPaired by run (split and seed); 95% t interval over the runs.\n"
+
+
+def plot_tuning(grid: pd.DataFrame, path: str) -> None:
+    """The lr grid: held-out loss at equal forgetting against lr, one line per method (log x);
+    hollow markers: runs that did not meet the stop rule (their score is then missing or from
+    a run that crossed the MA threshold without EL following), the chosen lr ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (m, sub) in enumerate(grid.groupby("method", sort=False)):
+        sub = sub.sort_values("lr")
+        colour = f"C{i % 10}"
+        ax.plot(sub["lr"], sub["score"], color=colour, marker="o", label=m)
+        miss = sub[~sub["reached"].astype(bool)]
+        ax.scatter(miss["lr"], miss["score"], facecolors="white", edgecolors=colour, zorder=3)
+        chosen = sub[sub["chosen"].astype(bool)]
+        ax.scatter(chosen["lr"], chosen["score"], s=160, facecolors="none", edgecolors=colour, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate", fontsize=9)
+    ax.set_ylabel("held-out loss at equal forgetting (tuning rows)", fontsize=9)
+    ax.set_title("lr grid on the tuning targets (ringed: chosen)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

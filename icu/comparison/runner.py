@@ -37,7 +37,7 @@ from ..errors import IcuError, check_writable_dir, disk_errors
 from ..data import atomic_write_text
 from ..report import write_json
 from .config import ORIGINAL, flag_tokens, load_method_config, parse_methods, resolve_methods
-from .report import write_report
+from .report import plot_tuning, write_report
 from .steps import (
     MethodDir,
     check_step,
@@ -607,6 +607,7 @@ def tune(args: argparse.Namespace, plan: Plan) -> None:
             write_json(os.path.join(args.dir, "tuning.json"), {
                 "tune_exp": args.tune_exp, "seed": seed, "heldout": heldout, "acc": plan.thresholds["acc"],
                 "chosen": choices, "grid": results})
+            plot_tuning(pd.DataFrame(results), os.path.join(args.dir, "tuning.png"))
     for run in plan.runs:  # the reported runs' folders must match the chosen lrs
         for method in plan.grids:
             check_existing_run(run_args(args, run), method, run_params(plan.params[method], run),
