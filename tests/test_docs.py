@@ -178,6 +178,13 @@ def script_options(target: str, module: bool = False) -> frozenset[str]:
             _OPTIONS[key] = frozenset()
             return _OPTIONS[key]
     saved_argv, saved_parse = sys.argv[:], argparse.ArgumentParser.parse_known_args
+    # what a script's __main__ block sets process-wide before parsing (valid.py turns autograd
+    # off, compare.py installs a SIGTERM handler) must not leak into the tests that run after
+    import signal
+
+    import torch
+
+    saved_grad, saved_term = torch.is_grad_enabled(), signal.getsignal(signal.SIGTERM)
     sys.argv = [target]
     argparse.ArgumentParser.parse_known_args = stub
     try:
@@ -194,6 +201,8 @@ def script_options(target: str, module: bool = False) -> frozenset[str]:
     finally:
         argparse.ArgumentParser.parse_known_args = saved_parse
         sys.argv = saved_argv
+        torch.set_grad_enabled(saved_grad)
+        signal.signal(signal.SIGTERM, saved_term)
     _OPTIONS[key] = options
     return options
 
