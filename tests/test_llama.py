@@ -359,5 +359,5 @@ def test_el_when_needed_is_the_same_run_on_tiny_llama(llama_world, tmp_path):
 
     w = llama_world
     argv = ["--exp", "mini", "--data_dir", str(w["root"] / "data"), "--model_name", w["model"], *OFFLINE,
-            "--batch_size", "2", "--lr", "1e-3", "--method", "ga", "--f1", "0", "--bleu", "0", *LENGTHS]
+            "--batch_size", "2", "--lr", "2e-2", "--method", "ga", "--f1", "0", "--bleu", "0", *LENGTHS]
     check_el_when_needed_is_the_same_run(argv, tmp_path)
