@@ -332,7 +332,10 @@ def plot_tuning(grid: pd.DataFrame, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    grid = grid.assign(score=pd.to_numeric(grid["score"], errors="coerce"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not grid["score"].notna().any():  # no grid run crossed the MA threshold: nothing to place
+        ax.text(0.5, 0.5, "no grid run reached the MA threshold", ha="center", transform=ax.transAxes)
     for i, (m, sub) in enumerate(grid.groupby("method", sort=False)):
         sub = sub.sort_values("lr")
         colour = f"C{i % 10}"
@@ -341,7 +344,8 @@ def plot_tuning(grid: pd.DataFrame, path: str) -> None:
         ax.scatter(miss["lr"], miss["score"], facecolors="white", edgecolors=colour, zorder=3)
         chosen = sub[sub["chosen"].astype(bool)]
         ax.scatter(chosen["lr"], chosen["score"], s=160, facecolors="none", edgecolors=colour, zorder=3)
-    ax.set_xscale("log")
+    if grid["score"].notna().any():
+        ax.set_xscale("log")
     ax.set_xlabel("learning rate", fontsize=9)
     ax.set_ylabel("held-out loss at equal forgetting (tuning rows)", fontsize=9)
     ax.set_title("lr grid on the tuning targets (ringed: chosen)", fontsize=10)
