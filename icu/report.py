@@ -107,6 +107,14 @@ def plot_history(history: list[dict], thresholds: dict[str, float], path: str, e
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write ``fig`` to ``path`` through a temporary file and a rename (a killed run
+    never leaves half a PNG), and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..data import atomic_write_text
 from ..errors import disk_errors
+from ..report import save_figure
 
 logger = logging.getLogger("icu")
 
@@ -142,11 +143,7 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("forgetting vs general ability, one point per method", fontsize=11)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_results_json(out_dir: str, policies: Sequence[tuple[str, str]]) -> None:
@@ -247,11 +244,7 @@ def plot_trajectories(traj: pd.DataFrame, flat: pd.DataFrame, thresholds: dict[s
     ax.set_title(f"trajectories: one line per run ({n_runs} per method), dot = stop point", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n: str,
@@ -351,8 +344,4 @@ def plot_tuning(grid: pd.DataFrame, path: str) -> None:
     ax.set_title("lr grid on the tuning targets (ringed: chosen)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
