@@ -38,7 +38,6 @@ from icu.cli import add_data_args, add_model_args, add_runtime_args, check_posit
 from icu.errors import IcuError, check_writable_dir, disk_errors, exit_on_user_error
 from icu.metrics import EL_START, el_column
 
-EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
 MEMBERSHIP_CSV = "membership.csv"
 MEMBERSHIP_JSON = "membership.json"
 
@@ -107,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import pandas as pd
 
     from icu.data import atomic_write_text
-    from icu.forget_eval import GEN_COLUMNS, evaluate_forget_set, load_forget_set
+    from icu.forget_eval import eval_outputs, evaluate_forget_set, load_forget_set
     from icu.metrics import check_lengths
 
     # Everything that can be checked without the model is checked before loading it.
@@ -147,14 +146,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     # The EL columns say which definition they hold (el_10: ICU's; el_10_from1: KU's).
     el_cols = [el_column(n, args.el_start) for n in args.el_ns]
-    per_sample = res.per_sample.sort_values("id", kind="stable")
-    summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
-    summary.update(val_loss=res.val_loss, ma=res.ma, **{c: res.el[n] for n, c in zip(args.el_ns, el_cols)})
+    # The reference's columns first (evaluation/convert.py reads them by name), then ours.
+    unlearn, summary = eval_outputs(res.per_sample, res.val_loss, el_cols)
     if membership is not None:
         summary.update(membership[1])
     # Temporary file + rename: a crash leaves the previous outputs, never half a CSV.
-    # The reference's columns first (evaluation/convert.py reads them by name), then ours.
-    columns = list(GEN_COLUMNS) + ["ma"] + el_cols + ["loss"]
     written = ["unlearn.csv", "eval.csv"]
     with disk_errors(args.dir):
         if membership is not None:
@@ -162,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             atomic_write_text(os.path.join(args.dir, MEMBERSHIP_CSV), per_row.to_csv(index=False))
             atomic_write_text(os.path.join(args.dir, MEMBERSHIP_JSON), json.dumps(report, indent=2) + "\n")
             written += [MEMBERSHIP_CSV, MEMBERSHIP_JSON]
-        atomic_write_text(os.path.join(args.dir, "unlearn.csv"), per_sample[columns].to_csv(index=False))
+        atomic_write_text(os.path.join(args.dir, "unlearn.csv"), unlearn.to_csv(index=False))
         atomic_write_text(os.path.join(args.dir, "eval.csv"), pd.DataFrame([summary]).to_csv(index=False))
     log.info("eval %s: %s", args.exp, "  ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     log.info("wrote %s", " and ".join(os.path.join(args.dir, name) for name in written))

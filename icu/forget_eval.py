@@ -20,7 +20,6 @@ Why it is fast, and why the numbers stay the reference's:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from .data import EncodedSet, load_experiment, load_set
 from .decoding.beam import generate_candidates
 from .decoding.continuations import ContinuationBuilder, GreedyStats
 from .decoding.forward import teacher_forced_pass
-from .decoding.hf import eos_ids, model_device, unwrap_model, vocab_size
+from .decoding.hf import eos_ids, eval_mode, model_device, unwrap_model, vocab_size
 from .errors import IcuError
 from .metrics import (
     EL_START,
@@ -50,7 +49,7 @@ from .metrics import (
 
 # unwrap_model and vocab_size are imported from here by eval.py and other callers
 __all__ = [
-    "GEN_COLUMNS", "ForgetEvalResult", "GreedyStats", "evaluate_forget_set", "load_forget_set",
+    "EVAL_SCORE_COLUMNS", "GEN_COLUMNS", "ForgetEvalResult", "eval_outputs", "GreedyStats", "evaluate_forget_set", "load_forget_set",
     "unwrap_model", "vocab_size",
 ]
 
@@ -58,6 +57,20 @@ logger = logging.getLogger("icu")
 
 # unlearn.csv's columns, in order (evaluation/convert.py reads them by name)
 GEN_COLUMNS = ("id", "prefix", "reference", "candidate", "bleu", "P", "R", "F1", "diff", "entropy")
+# eval.csv's mean columns before val_loss, ma and EL
+EVAL_SCORE_COLUMNS = ("bleu", "P", "R", "F1", "diff", "entropy")
+
+
+def eval_outputs(per_sample: pd.DataFrame, val_loss: float, el_cols: Sequence[str]) -> tuple[pd.DataFrame, dict]:
+    """eval.py's two outputs from a pass's per-sample table: unlearn.csv's frame (sorted by id;
+    the reference's columns first, then ma, the EL columns, loss) and eval.csv's row (the means
+    of EVAL_SCORE_COLUMNS, val_loss, ma, the EL means). compare.py builds the same two from a
+    run's last validation."""
+    per_sample = per_sample.sort_values("id", kind="stable")
+    summary = {col: float(per_sample[col].mean()) for col in EVAL_SCORE_COLUMNS}
+    summary.update(val_loss=float(val_loss), ma=float(per_sample["ma"].mean()),
+                   **{c: float(per_sample[c].mean()) for c in el_cols})
+    return per_sample[list(GEN_COLUMNS) + ["ma", *el_cols, "loss"]], summary
 
 
 def load_forget_set(data_dir: str, exp: str) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +206,7 @@ def evaluate_forget_set(
     N = len(indices)
     stats = GreedyStats()
     clock = _PhaseClock(model_device(inner))
-    with _eval_mode(model, inner), torch.no_grad():
+    with eval_mode(model, inner), torch.no_grad():
         bar = tqdm(total=N * (2 if generation else 1), desc=desc, unit="sample",
                    disable=bar_disabled(progress), leave=False)
         ma, tok_loss, batch_losses, el = _forward_phase(
@@ -272,19 +285,6 @@ def _pad_and_eos(tokenizer, model: torch.nn.Module) -> tuple[int, list[int]]:
     if pad_id is None:
         pad_id = eos[0] if eos else 0
     return pad_id, eos
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module, inner: torch.nn.Module):
-    """Eval mode for ``model`` and the model inside it; their training modes restored after."""
-    modes = [(m, m.training) for m in {id(model): model, id(inner): inner}.values()]
-    for m, _ in modes:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
 
 
 def _forward_phase(

@@ -40,19 +40,17 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def heldout_row_losses(model: torch.nn.Module, enc: EncodedSet, indices, batch_size: int) -> np.ndarray:
     """Per-row LM loss (len(indices),) of ``model`` on rows ``indices`` of ``enc`` (float64)."""
-    from .decoding.hf import model_device
+    from .decoding.hf import eval_mode, model_device
 
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     out = []
     indices = list(indices)
-    for start in range(0, len(indices), batch_size):
-        idx = torch.as_tensor(indices[start : start + batch_size], dtype=torch.long)
-        logits = model(input_ids=enc.input_ids[idx].to(device),
-                       attention_mask=enc.attention_mask[idx].to(device)).logits  # (B, L, V)
-        out.append(row_losses(logits, enc.labels[idx].to(device)).double().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(indices), batch_size):
+            idx = torch.as_tensor(indices[start : start + batch_size], dtype=torch.long)
+            logits = model(input_ids=enc.input_ids[idx].to(device),
+                           attention_mask=enc.attention_mask[idx].to(device)).logits  # (B, L, V)
+            out.append(row_losses(logits, enc.labels[idx].to(device)).double().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

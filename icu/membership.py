@@ -30,7 +30,6 @@ results to ``membership.csv`` / ``membership.json``.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from typing import Optional, Sequence
 
@@ -211,19 +210,6 @@ def _check_inputs(ids: list[list[int]], model, source: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module, inner: torch.nn.Module):
-    """Eval mode (no dropout) for the pass; the training modes restored after."""
-    modes = [(m, m.training) for m in {id(model): model, id(inner): inner}.values()]
-    for m, _ in modes:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-
-
 def _pad_id(tokenizer) -> int:
     for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if cand is not None:
@@ -260,7 +246,7 @@ def membership_scores(
     """
     from tqdm.auto import tqdm
 
-    from .decoding.hf import model_device, position_ids_from_mask, unwrap_model
+    from .decoding.hf import eval_mode, model_device, position_ids_from_mask, unwrap_model
 
     if batch_size < 1:
         raise IcuError(f"batch size must be a positive integer (got {batch_size})")
@@ -275,7 +261,7 @@ def membership_scores(
     pad = _pad_id(tokenizer)
     zlib_bytes = [zlib_length(t) for t in texts]
     parts: list[dict[str, np.ndarray]] = []
-    with _eval_mode(model, inner):
+    with eval_mode(model, inner):
         for s in tqdm(range(0, len(rows), batch_size), desc="membership", disable=not progress, leave=False):
             x = _left_pad(input_ids[s : s + batch_size], pad).to(device)  # (B, L)
             y = _left_pad(labels[s : s + batch_size], -100).to(device)  # (B, L)

@@ -278,16 +278,11 @@ def mia_world(gpt2_tok, tiny_lm_dir, tmp_path_factory):
 
 
 def run_eval(w, out, extra, capsys):
-    import eval as eval_script
+    from test_eval_cli import run_main
 
     argv = ["--exp", "mini", "--data_dir", str(w["root"] / "data"), "--model_name", w["model"], *OFFLINE,
             "--batch_size", "4", "--dir", str(out), "--no_progress", *LENGTHS, *extra]
-    try:
-        eval_script.main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    return run_main(argv, capsys)
 
 
 def test_eval_unseen_writes_membership_files(mia_world, gpt2_tok, tiny_lm, tmp_path, capsys):

@@ -412,14 +412,11 @@ def reuse_last_validation(args: argparse.Namespace, md: MethodDir, model_dir: st
     epoch_csv = os.path.join(md.train, f"epoch{int(last['epoch'])}.csv")
     if not same or not os.path.isfile(epoch_csv):
         return None
-    from ..forget_eval import GEN_COLUMNS
+    from ..forget_eval import eval_outputs
 
     el_cols = [el_column(int(n), EL_START) for n in str(args.el_n).split(",") if n.strip()]
-    per_sample = pd.read_csv(epoch_csv, keep_default_na=False, na_values=[""])
-    per_sample = per_sample.sort_values("id", kind="stable")[list(GEN_COLUMNS) + ["ma"] + el_cols + ["loss"]]
-    summary = {c: float(per_sample[c].mean()) for c in ("bleu", "P", "R", "F1", "diff", "entropy")}
-    summary.update(val_loss=float(last["val_loss"]), ma=float(per_sample["ma"].mean()),
-                   **{c: float(per_sample[c].mean()) for c in el_cols})
+    per_sample, summary = eval_outputs(pd.read_csv(epoch_csv, keep_default_na=False, na_values=[""]),
+                                       last["val_loss"], el_cols)
     os.makedirs(md.eval, exist_ok=True)
     with disk_errors(md.eval):
         atomic_write_text(os.path.join(md.eval, "unlearn.csv"), per_sample.to_csv(index=False))

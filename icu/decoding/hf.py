@@ -4,6 +4,7 @@ versions, eos ids, and the split into model body and output layer."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Optional
 
@@ -99,3 +100,17 @@ def body_and_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, tor
     if not isinstance(head, torch.nn.Linear) or not isinstance(body, torch.nn.Module) or body is model:
         return None
     return body, head
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module):
+    """Eval mode (no dropout) for ``models`` (e.g. a wrapper and the model inside it, each once)
+    for the block; their training modes restored after."""
+    modes = [(m, m.training) for m in {id(m): m for m in models}.values()]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
