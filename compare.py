@@ -51,8 +51,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="comma-separated trainer seeds, e.g. 0,1,2: every method runs once per seed "
                         "(and per split of --exp); the table gives mean ± 95%% CI over the runs")
     p.add_argument("--baseline", default=None,
-                   help="method the others are compared with, run by run (paired differences with "
-                        "their 95%% CI in differences.csv / .md)")
+                   help="method(s) the others are compared with, run by run, e.g. ga or ga,kl (paired "
+                        "differences with their 95%% CI in differences.csv / .md)")
     p.add_argument("--lr_grid", default=None,
                    help="comma-separated learning rates tried for every trained method on --tune_exp "
                         "(or lr lists per method in the config); the chosen lr runs the reported splits")

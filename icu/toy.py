@@ -25,6 +25,7 @@ affordable on a CPU, the training loss is a softmax over the token ids the corpu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -167,6 +168,16 @@ def _train(model, targets: torch.Tensor, seen: torch.Tensor, used: torch.Tensor,
 
 def build_toy(out: str, **overrides) -> dict:
     """Build the toy world in ``out`` (or return its metadata when already built)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    # Processes asking for the same world at once (pytest -n, two scripts) take turns: the first
+    # builds it, the others then find it built.
+    with open(os.path.join(parent, os.path.basename(out.rstrip("/")) + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_toy(out, overrides)
+
+
+def _build_toy(out: str, overrides: dict) -> dict:
     s = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     key = _settings_key(s)
     meta_path = os.path.join(out, "toy.json")

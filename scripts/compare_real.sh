@@ -78,7 +78,10 @@ if [ "$QUICK" = 1 ]; then
         --heldout "$OUT/heldout_test.npy" --unseen "$REAL/unseen.npy" \
         --tasks "$TASKS" --task_dir "$TASK_DIR" --task_limit "$LIMIT" --dir "$OUT"
 else
-    python compare.py --exp test --tune_exp tune --seeds "${ICU_SEEDS:-0,1,2}" --baseline ga \
+    # paired differences against ga and kl, those of them that run
+    BASE=""
+    for b in ga kl; do [[ ",$METHODS," == *",$b,"* ]] && BASE="${BASE:+$BASE,}$b"; done
+    python compare.py --exp test --tune_exp tune --seeds "${ICU_SEEDS:-0,1,2}" ${BASE:+--baseline "$BASE"} \
         --data_dir "$REAL/exp" --model_name "$MODEL" "${OFFLINE[@]}" \
         --device cpu --batch_size 2 --eval_batch_size 8 --methods "$METHODS" \
         --config config/compare_real.yaml --thresholds "$OUT/thresholds/thresholds.json" \

@@ -51,7 +51,7 @@ def _argv(s, out, *extra):
 def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     out = tmp_path / "study"
     r = study["root"]
-    argv = _argv(study, out, "--seeds", "0,1", "--baseline", "original", "--tune_exp", "tune",
+    argv = _argv(study, out, "--seeds", "0,1", "--baseline", "original,ga", "--tune_exp", "tune",
                  "--tune_heldout", str(r / "tune_heldout.npy"), "--unseen", str(r / "unseen.npy"))
     assert compare.main(argv) == 0
 
@@ -90,9 +90,14 @@ def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
 
     # paired differences against the untrained model, run by run
     diff = pd.read_csv(out / "differences.csv")
-    d = diff[(diff["method"] == "ga") & (diff["column"] == "heldout_loss")].iloc[0]
+    d = diff[(diff["method"] == "ga") & (diff["baseline"] == "original") & (diff["column"] == "heldout_loss")]
     orig = runs.loc[runs["method"] == "original", "heldout_loss"].iloc[0]
-    assert d["runs"] == 2 and d["diff"] == pytest.approx((ga["heldout_loss"] - orig).mean())
+    assert len(d) == 1 and d["runs"].iloc[0] == 2
+    assert d["diff"].iloc[0] == pytest.approx((ga["heldout_loss"] - orig).mean())
+    # a second baseline adds its own rows: original − ga is the same difference, negated
+    back = diff[(diff["method"] == "original") & (diff["baseline"] == "ga") & (diff["column"] == "heldout_loss")]
+    assert len(back) == 1 and back["diff"].iloc[0] == pytest.approx(-d["diff"].iloc[0])
+    assert back["ci"].iloc[0] == pytest.approx(d["ci"].iloc[0])
 
     # trajectories: every validation's held-out loss; the stop point's equals the table's
     traj = pd.read_csv(out / "trajectories.csv")

@@ -343,7 +343,10 @@ def test_ctrl_c_keeps_in_flight_answer_and_exits_130(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "evaluation.api", "--results", str(results), "--base_url", srv.base_url,
              "--concurrency", "1", *FAST],
-            cwd=ROOT, env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # a shell's background job starts with SIGINT ignored and Python keeps it ignored:
+            # give the child the default a user's Ctrl-C meets in a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
         while len(srv.snapshot()) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -51,3 +51,26 @@ def test_second_build_is_cached(toy_world):
     meta = build_toy(toy_world["dir"])
     assert meta["key"] == toy_world["meta"]["key"]
     assert os.stat(path).st_mtime_ns == before
+
+
+def test_two_processes_building_one_world_take_turns(tmp_path):
+    """pytest -n 2 starts every worker's session fixture at once: the world is built once and both
+    get it (without the lock both train, and one deletes the folder the other is reading)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "small"
+    code = ("import sys, json, logging; from icu.toy import build_toy; logging.basicConfig(level=logging.INFO); "
+            "m = build_toy(sys.argv[1], num_docs=40, num_targets=4, hidden_size=16, num_heads=2, "
+            "steps=5, target_ma=0.0); print(json.dumps([m['key'], m['seconds']]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+    metas = [tuple(json.loads(o.strip().splitlines()[-1])) for o, _ in results]
+    assert metas[0] == metas[1]  # the same build: same key, same recorded build time
+    errs = "".join(err for _, err in results)
+    assert errs.count("toy world built in") == 1 and errs.count("already built") == 1
+    assert sorted(os.listdir(tmp_path)) == ["small", "small.lock"]

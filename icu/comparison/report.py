@@ -1,6 +1,6 @@
 """compare.py's outputs from the methods' rows: comparison.csv / .md (one row per method: the
 run's numbers, or over several runs their mean and 95% CI), runs.csv (one row per run and
-method), trajectories.csv (every validation), differences.csv / .md (paired against --baseline),
+method), trajectories.csv (every validation), differences.csv / .md (paired against each --baseline),
 tradeoff.png (forgetting against general ability along each run) and results.json (for
 evaluation/)."""
 
@@ -285,8 +285,9 @@ def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n:
         atomic_write_text(os.path.join(out_dir, "runs.csv"), df.to_csv(index=False))
         if len(traj):
             atomic_write_text(os.path.join(out_dir, "trajectories.csv"), traj.to_csv(index=False))
-        if baseline and baseline in methods and len(methods) > 1:
-            diff = paired_table(df, baseline, methods)
+        bases = [b for b in (baseline or "").split(",") if b in methods]  # --baseline ga,kl
+        if bases and len(methods) > 1:
+            diff = pd.concat([paired_table(df, b, methods) for b in bases], ignore_index=True)
             atomic_write_text(os.path.join(out_dir, "differences.csv"), diff.to_csv(index=False))
             atomic_write_text(os.path.join(out_dir, "differences.md"), differences_markdown(diff))
         if has_traj:

@@ -291,8 +291,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for exp in exps:
         check_split(args.data_dir, exp)
     check_tuning(args, grids, exps)
-    if args.baseline is not None and args.baseline not in methods:
-        raise IcuError(f"--baseline {args.baseline} is not among --methods {','.join(methods)}")
+    for base in baselines(args.baseline):
+        if base not in methods:
+            raise IcuError(f"--baseline {base} is not among --methods {','.join(methods)}")
     check_model(args.model_name)
     plan = Plan(methods, params, parser, thresholds, tasks=check_tasks(args), grids=grids,
                 runs=[RunKey(e, s) for e in exps for s in seeds])
@@ -553,6 +554,11 @@ def run_method(args: argparse.Namespace, plan: Plan, run: RunKey, method: str) -
 
 
 # ----------------------------------------------------------------------------- tuning
+
+
+def baselines(spec: Optional[str]) -> list[str]:
+    """--baseline ga,kl -> ["ga", "kl"] (None or empty: no paired differences)."""
+    return [b.strip() for b in (spec or "").split(",") if b.strip()]
 
 
 def tune(args: argparse.Namespace, plan: Plan) -> None:
