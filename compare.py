@@ -58,6 +58,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(or lr lists per method in the config); the chosen lr runs the reported splits")
     p.add_argument("--tune_exp", default=None,
                    help="split of tuning targets for the lr grid; must share no target with --exp")
+    p.add_argument("--tune_seed", type=int, default=None,
+                   help="trainer seed of the tuning runs (default: the first of --seeds). Fix it to split "
+                        "a study's seeds over workers: --seeds 0,1 here and --seeds 2 there, both --tune_seed 0")
     p.add_argument("--tune_heldout", default=None,
                    help="held-out rows the tuning runs are scored on (default --heldout); other rows than "
                         "the reported ones keep the choice from fitting the reported numbers")

@@ -23,7 +23,10 @@
 #                                              pile.csv and the four dialog JSONs
 # Knobs (environment): ICU_COMPARE_METHODS, ICU_SEEDS (0,1,2), ICU_HELDOUT_ROWS (rows of each
 # held-out half scored at every validation, default 64), ICU_TASK_LIMIT, ICU_TASK_RUNS (1).
-# A killed run resumes where it stopped: run the script again.
+# A killed run resumes where it stopped: run the script again. Two cores, two workers: once the
+# tuning is done, run ICU_SEEDS=0,1 in one shell and ICU_SEEDS=2 ICU_COMPARE_METHODS=ga,icu,...
+# (no original) in another, each with OMP_NUM_THREADS=1 (taskset -c 0 / -c 1); a last plain run
+# then finds every run done and writes the report over all seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -81,7 +84,7 @@ else
     # paired differences against ga and kl, those of them that run
     BASE=""
     for b in ga kl; do [[ ",$METHODS," == *",$b,"* ]] && BASE="${BASE:+$BASE,}$b"; done
-    python compare.py --exp test --tune_exp tune --seeds "${ICU_SEEDS:-0,1,2}" ${BASE:+--baseline "$BASE"} \
+    python compare.py --exp test --tune_exp tune --tune_seed 0 --seeds "${ICU_SEEDS:-0,1,2}" ${BASE:+--baseline "$BASE"} \
         --data_dir "$REAL/exp" --model_name "$MODEL" "${OFFLINE[@]}" \
         --device cpu --batch_size 2 --eval_batch_size 8 --methods "$METHODS" \
         --config config/compare_real.yaml --thresholds "$OUT/thresholds/thresholds.json" \

@@ -132,6 +132,12 @@ def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     assert compare.main(argv) == 0
     log = (out / "compare.log").read_text().split(" comparing ")[-1]
     assert "] $ " not in log
+    # a second worker taking seed 1 alone: with --tune_seed 0 it finds the tuning runs done
+    # (without it the tuning would run on seed 1 and refuse the seed-0 runs already there)
+    i = argv.index("--seeds")
+    assert compare.main([*argv[:i], "--seeds", "1", "--tune_seed", "0", *argv[i + 2:]]) == 0
+    log = (out / "compare.log").read_text().split(" comparing ")[-1]
+    assert "] $ " not in log and "tuning ga: chose lr" in log
 
 
 def test_tuning_targets_must_not_be_reported(study, tmp_path, capsys):
@@ -143,7 +149,8 @@ def test_tuning_targets_must_not_be_reported(study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(_argv(study, tmp_path / "o", "--lr_grid", "1e-4,2e-4"))  # no --tune_exp
     assert "needs --tune_exp" in capsys.readouterr().err
-    for bad in (["--seeds", "0,x"], ["--lr_grid", "1e-4,-1", "--tune_exp", "tune"], ["--baseline", "icu"]):
+    for bad in (["--seeds", "0,x"], ["--lr_grid", "1e-4,-1", "--tune_exp", "tune"], ["--baseline", "icu"],
+                ["--tune_seed", "0"], ["--tune_seed", "-1", "--lr_grid", "1e-4", "--tune_exp", "tune"]):
         with pytest.raises(SystemExit):
             compare.main(_argv(study, tmp_path / "o", *bad))
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")

@@ -2,7 +2,8 @@
 then per run and method train (or reuse), evaluate, and report.
 
     tuning (with --lr_grid or lr lists in the config; needs --tune_exp):
-        {dir}/tuning/{method}/lr{lr}/train   each grid lr on the tuning split
+        {dir}/tuning/{method}/lr{lr}/train   each grid lr on the tuning split (seed --tune_seed,
+                                             default the first of --seeds)
         {dir}/tuning.csv|json                every grid result and the lr chosen per method
     for run in --exp x --seeds:         (one run without --seeds: the folders sit in {dir}/)
       for method in --methods:          (original = the untrained model, nothing to train)
@@ -253,6 +254,8 @@ def split_doc_ids(data_dir: str, exp: str) -> set[int]:
 
 def check_tuning(args: argparse.Namespace, grids: dict, exps: list[str]) -> None:
     """An lr grid runs on --tune_exp only, which must share no target with the reported splits."""
+    if args.tune_seed is not None and (not args.tune_exp or args.tune_seed < 0):
+        raise IcuError(f"--tune_seed {args.tune_seed}: give a seed >= 0, together with --tune_exp")
     if grids and not args.tune_exp:
         raise IcuError("an lr grid (--lr_grid or an lr list in the config) needs --tune_exp: a split of "
                        "tuning targets that are not the reported ones")
@@ -562,14 +565,14 @@ def baselines(spec: Optional[str]) -> list[str]:
 
 
 def tune(args: argparse.Namespace, plan: Plan) -> None:
-    """Each grid lr on the tuning split (--tune_exp, the first seed); per method the lr with the
+    """Each grid lr on the tuning split (--tune_exp, --tune_seed or the first seed); per method the lr with the
     lowest held-out loss at equal forgetting among the runs that reached the stop rule becomes
     the lr of every reported run. Writes tuning.csv / tuning.json; never reads the reported splits."""
     from .stats import best_lr
 
     if not plan.grids:
         return
-    seed = plan.runs[0].seed
+    seed = plan.runs[0].seed if args.tune_seed is None else args.tune_seed
     key = RunKey(args.tune_exp, seed)
     targs = run_args(args, key)
     heldout = os.path.abspath(args.tune_heldout or args.heldout) if (args.tune_heldout or args.heldout) else None
