@@ -248,7 +248,7 @@ def plot_trajectories(traj: pd.DataFrame, flat: pd.DataFrame, thresholds: dict[s
 
 
 def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n: str,
-                 thresholds: dict[str, float], baseline: Optional[str] = None, multi: bool = False,
+                 thresholds: dict[str, float], baselines: Sequence[str] = (), multi: bool = False,
                  eval_paths: Optional[Sequence[tuple[str, str]]] = None) -> str:
     """Write the outputs for ``rows`` (one per run and method); returns the markdown table."""
     els = el_keys(el_n)
@@ -285,7 +285,7 @@ def write_report(out_dir: str, rows: Sequence[dict], tasks: Sequence[str], el_n:
         atomic_write_text(os.path.join(out_dir, "runs.csv"), df.to_csv(index=False))
         if len(traj):
             atomic_write_text(os.path.join(out_dir, "trajectories.csv"), traj.to_csv(index=False))
-        bases = [b for b in (baseline or "").split(",") if b in methods]  # --baseline ga,kl
+        bases = [b for b in baselines if b in methods]
         if bases and len(methods) > 1:
             diff = pd.concat([paired_table(df, b, methods) for b in bases], ignore_index=True)
             atomic_write_text(os.path.join(out_dir, "differences.csv"), diff.to_csv(index=False))

@@ -636,7 +636,7 @@ def run_comparison(args: argparse.Namespace) -> int:
             t_method = time.time()
             rows.append(run_method(args, plan, run, method))
             table = write_report(args.dir, rows, plan.tasks, args.el_n, plan.thresholds,
-                                 baseline=args.baseline, multi=plan.multi)  # after each method
+                                 baselines=baselines(args.baseline), multi=plan.multi)  # after each method
             logger.info("%s: done in %.1f s", method, time.time() - t_method)
     logger.info("comparison finished in %.1f s; wrote %s", time.time() - t0,
                 ", ".join(os.path.join(args.dir, f) for f in ("comparison.csv", "comparison.md", "tradeoff.png",
