@@ -26,7 +26,7 @@ import sys
 from typing import Optional
 
 from icu.cli import add_data_args, add_model_args, add_runtime_args, check_positive, setup_logging
-from icu.errors import exit_on_user_error
+from icu.errors import IcuError, exit_on_user_error
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -75,7 +75,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="valid.py's --limit: rows per task, N and/or TASK=N items (e.g. 100,wikitext=5)")
     p.add_argument("--task_runs", type=int, default=None,
                    help="valid.py on the first N runs only (default every run): downstream tasks are the "
-                        "slowest step, and one run gives their level")
+                        "slowest step, and one run gives their level. 0: a worker taking later seeds "
+                        "scores only --every_run_tasks")
+    p.add_argument("--every_run_tasks", default=None,
+                   help="of --tasks, those valid.py scores on every run even past --task_runs: cheap ones "
+                        "such as wikitext,pile, so that they get a spread over runs")
     p.add_argument("--el_n", default="10", help="eval.py's extraction-likelihood n, comma-separated")
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch of eval.py, valid.py and the held-out loss (default --batch_size)")
@@ -88,8 +92,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     check_positive(args, "batch_size", "prefix_length", "suffix_length", "target_length")
     if args.eval_batch_size is not None:
         check_positive(args, "eval_batch_size")
-    if args.task_runs is not None:
-        check_positive(args, "task_runs")
+    if args.task_runs is not None and args.task_runs < 0:
+        raise IcuError(f"--task_runs must be 0 or more (got {args.task_runs}); 0 scores only --every_run_tasks")
     if args.task_limit is not None:
         from icu.downstream import parse_limits
 

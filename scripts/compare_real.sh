@@ -22,11 +22,13 @@
 #   ICU_TASK_DIR (default datasets/validation) piqa/, copa/, lambada.csv, pubmed_qa.csv, wikitext.csv,
 #                                              pile.csv and the four dialog JSONs
 # Knobs (environment): ICU_COMPARE_METHODS, ICU_SEEDS (0,1,2), ICU_HELDOUT_ROWS (rows of each
-# held-out half scored at every validation, default 64), ICU_TASK_LIMIT, ICU_TASK_RUNS (1).
+# held-out half scored at every validation, default 64), ICU_TASK_LIMIT, ICU_TASK_RUNS (1: every
+# task on the first seed), ICU_EVERY_RUN_TASKS (wikitext,pile: scored on every seed, ~30 s a model).
 # A killed run resumes where it stopped: run the script again. Two cores, two workers: once the
-# tuning is done, run ICU_SEEDS=0,1 in one shell and ICU_SEEDS=2 ICU_COMPARE_METHODS=ga,icu,...
-# (no original) in another, each with OMP_NUM_THREADS=1 (taskset -c 0 / -c 1); a last plain run
-# then finds every run done and writes the report over all seeds.
+# tuning is done, run ICU_SEEDS=0,1 in one shell and ICU_SEEDS=2 ICU_TASK_RUNS=0
+# ICU_COMPARE_METHODS=ga,icu,... (no original) in another, each with OMP_NUM_THREADS=1
+# (taskset -c 0 / -c 1); a last plain run then finds every run done and writes the report over
+# all seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -38,6 +40,10 @@ REAL=${ICU_REAL_DIR:-datasets/real_n32}
 TASKS=${ICU_COMPARE_TASKS:-piqa,copa,lambada,pubmed_qa,wikitext,pile,wizard_of_wikipedia,empathetic_dialogues,blended_skill_talk,wizard_of_internet}
 # rows per task: 100, fewer for the slow ones (perplexity over whole articles, 32-token replies)
 LIMIT=${ICU_TASK_LIMIT:-100,pubmed_qa=50,wikitext=5,pile=20,wizard_of_wikipedia=25,empathetic_dialogues=25,blended_skill_talk=25,wizard_of_internet=25}
+# the cheap tasks (perplexities) get a spread over seeds: those of them in TASKS
+EVERY=""
+IFS=, read -ra WANT <<< "${ICU_EVERY_RUN_TASKS-wikitext,pile}"
+for t in "${WANT[@]}"; do [[ ",$TASKS," == *",$t,"* ]] && EVERY="${EVERY:+$EVERY,}$t"; done
 OFFLINE=(--gpt2_name builtin:gpt2 --bert_name builtin:all-MiniLM-L6-v2)
 MODEL="$REAL/memorized"
 
@@ -89,6 +95,6 @@ else
         --device cpu --batch_size 2 --eval_batch_size 8 --methods "$METHODS" \
         --config config/compare_real.yaml --thresholds "$OUT/thresholds/thresholds.json" \
         --heldout "$OUT/heldout_test.npy" --tune_heldout "$OUT/heldout_tune.npy" --unseen "$REAL/unseen.npy" \
-        --tasks "$TASKS" --task_dir "$TASK_DIR" --task_limit "$LIMIT" --task_runs "${ICU_TASK_RUNS:-1}" \
+        --tasks "$TASKS" --task_dir "$TASK_DIR" --task_limit "$LIMIT" --task_runs "${ICU_TASK_RUNS:-1}" ${EVERY:+--every_run_tasks "$EVERY"} \
         --dir "$OUT"
 fi

@@ -166,6 +166,10 @@ def test_bad_inputs_exit_2_and_write_nothing(world, tmp_path, capsys):
     argv[argv.index("--heldout") + 1] = str(r / "short.npy")
     _fails(capsys, argv, "expected (N, 200)")
     _fails(capsys, _argv(world, out, "original", "--tasks", "nosuchtask"), "unknown task 'nosuchtask'")
+    _fails(capsys, _argv(world, out, "original", "--tasks", "piqa", "--every_run_tasks", "pile"),
+           "--every_run_tasks pile: not among --tasks piqa")
+    _fails(capsys, _argv(world, out, "original", "--every_run_tasks", "pile"), "--every_run_tasks needs --tasks")
+    _fails(capsys, _argv(world, out, "original", "--task_runs", "-1"), "--task_runs must be 0 or more")
     assert (out / "comparison.csv").read_text() == "kept\n"
     assert sorted(os.listdir(out)) == ["comparison.csv"]
 

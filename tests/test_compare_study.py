@@ -51,8 +51,11 @@ def _argv(s, out, *extra):
 def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     out = tmp_path / "study"
     r = study["root"]
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "downstream")
     argv = _argv(study, out, "--seeds", "0,1", "--baseline", "original,ga", "--tune_exp", "tune",
-                 "--tune_heldout", str(r / "tune_heldout.npy"), "--unseen", str(r / "unseen.npy"))
+                 "--tune_heldout", str(r / "tune_heldout.npy"), "--unseen", str(r / "unseen.npy"),
+                 "--tasks", "copa,pile", "--task_dir", fixtures, "--task_limit", "4",
+                 "--task_runs", "1", "--every_run_tasks", "pile")
     assert compare.main(argv) == 0
 
     # tuning: each grid lr ran on the tuning split only, scored on its own held-out rows
@@ -78,6 +81,14 @@ def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     for seed in (0, 1):
         run = json.loads((out / "runs" / "mini" / f"seed{seed}" / "ga" / "train" / "run.json").read_text())
         assert run["args"]["seed"] == seed and run["args"]["exp"] == "mini" and run["args"]["lr"] == chosen
+
+    # tasks: all of --tasks on the first run, only the --every_run_tasks ones on the next
+    by_seed = ga.set_index("seed")
+    assert by_seed.loc[0, ["copa", "pile"]].notna().all() and by_seed.loc[0, "downstream_mean"] == by_seed.loc[0, "copa"]
+    assert pd.isna(by_seed.loc[1, "copa"]) and pd.isna(by_seed.loc[1, "downstream_mean"])
+    valid1 = pd.read_csv(out / "runs" / "mini" / "seed1" / "ga" / "valid" / "valid_result.csv").iloc[0]
+    assert by_seed.loc[1, "pile"] == pytest.approx(valid1["pile"]) and "copa" not in valid1
+    assert by_seed.loc[1, "pile"] != by_seed.loc[0, "pile"]  # another model, its own perplexity
 
     # mean ± CI over the two seeds, from the per-run rows
     table = pd.read_csv(out / "comparison.csv").set_index("method")
@@ -133,11 +144,16 @@ def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     log = (out / "compare.log").read_text().split(" comparing ")[-1]
     assert "] $ " not in log
     # a second worker taking seed 1 alone: with --tune_seed 0 it finds the tuning runs done
-    # (without it the tuning would run on seed 1 and refuse the seed-0 runs already there)
+    # (without it the tuning would run on seed 1 and refuse the seed-0 runs already there);
+    # with --task_runs 0 its seed 1 wants only --every_run_tasks, and the untrained model keeps all
     i = argv.index("--seeds")
-    assert compare.main([*argv[:i], "--seeds", "1", "--tune_seed", "0", *argv[i + 2:]]) == 0
+    second = [*argv[:i], "--seeds", "1", "--tune_seed", "0", *argv[i + 2:]]
+    second[second.index("--task_runs") + 1] = "0"
+    assert compare.main(second) == 0
     log = (out / "compare.log").read_text().split(" comparing ")[-1]
     assert "] $ " not in log and "tuning ga: chose lr" in log
+    again = pd.read_csv(out / "runs.csv").set_index("method")
+    assert again.loc["original", ["copa", "pile"]].notna().all() and pd.isna(again.loc["ga", "copa"])
 
 
 def test_tuning_targets_must_not_be_reported(study, tmp_path, capsys):

@@ -120,10 +120,16 @@ def check_split(data_dir: str, exp: str) -> None:
 
 def check_tasks(args: argparse.Namespace) -> list[str]:
     if not args.tasks:
+        if getattr(args, "every_run_tasks", None):
+            raise IcuError("--every_run_tasks needs --tasks: it names which of them are scored on every run")
         return []
     from ..downstream import parse_assignments, parse_task_list, resolve_sources
 
     names = parse_task_list(args.tasks)
+    extra = [t for t in task_names(getattr(args, "every_run_tasks", None)) if t not in names]
+    if extra:
+        raise IcuError(f"--every_run_tasks {','.join(extra)}: not among --tasks {','.join(names)}; "
+                       "name tasks that --tasks scores")
     try:
         resolve_sources(names, args.task_dir, parse_assignments(args.task_file, "--task_file"), None)
     except IcuError as exc:
@@ -453,9 +459,12 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
         row["eval_command"] = key
         save_row(md, row)
     in_process_measures(args, plan, method, md, row, tokenizer)
-    want = {"names": plan.tasks, "limit": args.task_limit}
-    if plan.tasks and row.get("with_tasks", True) and {k: (row.get("tasks") or {}).get(k) for k in want} != want:
-        cmd = valid_command(args, model_dir, tokenizer, plan.tasks, md.valid)
+    names = run_tasks(args, plan, row)
+    want = {"names": names, "limit": args.task_limit}
+    have = row.get("tasks") or {}
+    # scores of more tasks at the same limits are kept: a later worker asking fewer loses none
+    if names and not (have.get("limit") == args.task_limit and set(names) <= set(have.get("names") or ())):
+        cmd = valid_command(args, model_dir, tokenizer, names, md.valid)
         rc = run_step(cmd, md.out_file("valid"), method)
         failure = check_step(rc, md.out_file("valid"), f"{method}: valid.py")
         values = pd.read_csv(os.path.join(md.valid, "valid_result.csv")).iloc[0].to_dict() if os.path.isfile(
@@ -464,6 +473,20 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
         if failure:
             row["failed"] = failure
         save_row(md, row)
+
+
+def run_tasks(args: argparse.Namespace, plan: Plan, row: dict) -> list[str]:
+    """valid.py's tasks for one run: every --tasks task on the first --task_runs runs, on the
+    others only those of --every_run_tasks."""
+    if row.get("with_tasks", True):
+        return plan.tasks
+    every = set(task_names(getattr(args, "every_run_tasks", None)))
+    return [t for t in plan.tasks if t in every]
+
+
+def task_names(spec: Optional[str]) -> list[str]:
+    """"wikitext, pile" -> ["wikitext", "pile"] (None: none)."""
+    return [t.strip() for t in (spec or "").split(",") if t.strip()]
 
 
 def in_process_measures(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, row: dict,
@@ -545,7 +568,9 @@ def run_method(args: argparse.Namespace, plan: Plan, run: RunKey, method: str) -
     row = {} if fresh else old
     row.pop("failed", None)
     row.update(method=method, exp=run.exp, seed=None if method == ORIGINAL else run.seed, **info)
-    row["with_tasks"] = args.task_runs is None or plan.runs.index(run) < args.task_runs
+    # the untrained model is one model per split: it counts as its split's first run
+    index = plan.runs.index(run) if method != ORIGINAL else min(i for i, r in enumerate(plan.runs) if r.exp == run.exp)
+    row["with_tasks"] = args.task_runs is None or index < args.task_runs
     if method != ORIGINAL:
         row["at_threshold"] = equal_forgetting(row.get("trajectory") or [], plan.thresholds["acc"])
     evaluate(args, plan, method, md, row, tokenizer)
