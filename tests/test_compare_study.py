@@ -109,6 +109,10 @@ def test_seeds_and_lr_grid_on_the_toy(study, tmp_path):
     back = diff[(diff["method"] == "original") & (diff["baseline"] == "ga") & (diff["column"] == "heldout_loss")]
     assert len(back) == 1 and back["diff"].iloc[0] == pytest.approx(-d["diff"].iloc[0])
     assert back["ci"].iloc[0] == pytest.approx(d["ci"].iloc[0])
+    # pile, scored on both seeds (--every_run_tasks), pairs too
+    d = diff[(diff["method"] == "ga") & (diff["baseline"] == "original") & (diff["column"] == "pile")]
+    orig = runs.loc[runs["method"] == "original", "pile"].iloc[0]
+    assert d["runs"].iloc[0] == 2 and d["diff"].iloc[0] == pytest.approx((ga["pile"] - orig).mean())
 
     # trajectories: every validation's held-out loss; the stop point's equals the table's
     traj = pd.read_csv(out / "trajectories.csv")

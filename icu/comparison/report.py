@@ -26,7 +26,8 @@ MIA_COLUMNS = ("auc_loss", "auc_zlib", "auc_min_k", "auc_min_k_pp")
 SUMMARY_COLUMNS = ("epochs", "seconds", "ma", "bleu", "F1", "val_loss", "heldout_loss", "heldout_at_threshold",
                    "epoch_at_threshold", "ma_overshoot", *MIA_COLUMNS)
 # the paired differences against the baseline
-DIFF_COLUMNS = ("heldout_at_threshold", "heldout_loss", "ma", "auc_min_k_pp", "epochs")
+# the perplexities pair too where --every_run_tasks scored them on every run
+DIFF_COLUMNS = ("heldout_at_threshold", "heldout_loss", "ma", "auc_min_k_pp", "epochs", "wikitext", "pile")
 
 
 def el_keys(el_n: str) -> list[str]:
