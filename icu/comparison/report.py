@@ -133,7 +133,7 @@ def plot_tradeoff(df: pd.DataFrame, els: Sequence[str], thresholds: dict[str, fl
         sub = df[df[x_col].notna() & df[y_col].notna()]
         xy = sub[[x_col, y_col]].to_numpy(float)
         for i, (_, r) in enumerate(sub.iterrows()):
-            ax.scatter([r[x_col]], [r[y_col]], color=f"C{i % 10}")
+            ax.scatter([r[x_col]], [r[y_col]], color=method_colour(r["method"]))
             dx, dy, ha = _label_offset(xy, i)
             ax.annotate(r["method"], (r[x_col], r[y_col]), textcoords="offset points",
                         xytext=(dx, dy), ha=ha, fontsize=9)
@@ -213,6 +213,14 @@ def paired_table(df: pd.DataFrame, baseline: str, methods: Sequence[str]) -> pd.
     return pd.DataFrame(out)
 
 
+# one colour per method in every figure, whatever methods a comparison holds
+_PALETTE = {m: f"C{i}" for i, m in enumerate(("ga", "npo", "kl", "po", "icu", "llmu", "simnpo"))}
+
+
+def method_colour(method: str) -> str:
+    return _PALETTE.get(method) or f"C{7 + sum(map(ord, method)) % 3}"
+
+
 def plot_trajectories(traj: pd.DataFrame, flat: pd.DataFrame, thresholds: dict[str, float], path: str) -> None:
     """Forget-set MA (x) against held-out loss (y) along every run, one colour per method (a
     thin line per run, its stop point marked), the MA stop threshold as a vertical line; the
@@ -223,9 +231,9 @@ def plot_trajectories(traj: pd.DataFrame, flat: pd.DataFrame, thresholds: dict[s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, m in enumerate(dict.fromkeys(traj["method"])):
+    for m in dict.fromkeys(traj["method"]):
         sub = traj[traj["method"] == m]
-        colour = f"C{i % 10}"
+        colour = method_colour(m)
         first = True
         for _, run in sub.groupby(["exp", "seed"], dropna=False, sort=False):
             run = run.sort_values("epoch")
@@ -331,9 +339,9 @@ def plot_tuning(grid: pd.DataFrame, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if not grid["score"].notna().any():  # no grid run crossed the MA threshold: nothing to place
         ax.text(0.5, 0.5, "no grid run reached the MA threshold", ha="center", transform=ax.transAxes)
-    for i, (m, sub) in enumerate(grid.groupby("method", sort=False)):
+    for m, sub in grid.groupby("method", sort=False):
         sub = sub.sort_values("lr")
-        colour = f"C{i % 10}"
+        colour = method_colour(m)
         ax.plot(sub["lr"], sub["score"], color=colour, marker="o", label=m)
         miss = sub[~sub["reached"].astype(bool)]
         ax.scatter(miss["lr"], miss["score"], facecolors="white", edgecolors=colour, zorder=3)
@@ -341,6 +349,11 @@ def plot_tuning(grid: pd.DataFrame, path: str) -> None:
         ax.scatter(chosen["lr"], chosen["score"], s=160, facecolors="none", edgecolors=colour, zorder=3)
     if grid["score"].notna().any():
         ax.set_xscale("log")
+    unplaced = grid[grid["score"].isna()]  # never crossed the MA threshold: no point to draw
+    if len(unplaced):
+        names = "; ".join(f"{m} {', '.join(f'{lr:g}' for lr in sub['lr'])}" for m, sub in unplaced.groupby("method", sort=False))
+        ax.text(0.01, 0.01, f"never reached the MA threshold: {names}", transform=ax.transAxes, fontsize=7,
+                va="bottom", ha="left")
     ax.set_xlabel("learning rate", fontsize=9)
     ax.set_ylabel("held-out loss at equal forgetting (tuning rows)", fontsize=9)
     ax.set_title("lr grid on the tuning targets (ringed: chosen)", fontsize=10)
