@@ -62,6 +62,7 @@ class Plan:
     parser: argparse.ArgumentParser
     thresholds: dict[str, float]
     tasks: list[str] = field(default_factory=list)
+    every_run_tasks: list[str] = field(default_factory=list)  # of tasks, those scored past --task_runs
     heldout: Optional[np.ndarray] = None
     heldout_key: Optional[str] = None
     runs: list["RunKey"] = field(default_factory=list)
@@ -118,15 +119,17 @@ def check_split(data_dir: str, exp: str) -> None:
         ) from None
 
 
-def check_tasks(args: argparse.Namespace) -> list[str]:
+def check_tasks(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """--tasks and, of them, --every_run_tasks, checked."""
+    every = comma_items(args.every_run_tasks)
     if not args.tasks:
-        if getattr(args, "every_run_tasks", None):
+        if every:
             raise IcuError("--every_run_tasks needs --tasks: it names which of them are scored on every run")
-        return []
+        return [], []
     from ..downstream import parse_assignments, parse_task_list, resolve_sources
 
     names = parse_task_list(args.tasks)
-    extra = [t for t in task_names(getattr(args, "every_run_tasks", None)) if t not in names]
+    extra = [t for t in every if t not in names]
     if extra:
         raise IcuError(f"--every_run_tasks {','.join(extra)}: not among --tasks {','.join(names)}; "
                        "name tasks that --tasks scores")
@@ -134,7 +137,7 @@ def check_tasks(args: argparse.Namespace) -> list[str]:
         resolve_sources(names, args.task_dir, parse_assignments(args.task_file, "--task_file"), None)
     except IcuError as exc:
         raise IcuError(str(exc).replace("--data_dir", "--task_dir")) from None
-    return names
+    return names, [t for t in names if t in every]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -304,7 +307,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if base not in methods:
             raise IcuError(f"--baseline {base} is not among --methods {','.join(methods)}")
     check_model(args.model_name)
-    plan = Plan(methods, params, parser, thresholds, tasks=check_tasks(args), grids=grids,
+    tasks, every_run_tasks = check_tasks(args)
+    plan = Plan(methods, params, parser, thresholds, tasks=tasks, every_run_tasks=every_run_tasks, grids=grids,
                 runs=[RunKey(e, s) for e in exps for s in seeds])
     plan.multi = len(plan.runs) > 1 or args.seeds is not None
     if args.heldout:
@@ -459,7 +463,8 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
         row["eval_command"] = key
         save_row(md, row)
     in_process_measures(args, plan, method, md, row, tokenizer)
-    names = run_tasks(args, plan, row)
+    # valid.py: every task on the first --task_runs runs, only --every_run_tasks on the others
+    names = plan.tasks if row.get("with_tasks", True) else plan.every_run_tasks
     want = {"names": names, "limit": args.task_limit}
     have = row.get("tasks") or {}
     # scores of more tasks at the same limits are kept: a later worker asking fewer loses none
@@ -473,20 +478,6 @@ def evaluate(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, r
         if failure:
             row["failed"] = failure
         save_row(md, row)
-
-
-def run_tasks(args: argparse.Namespace, plan: Plan, row: dict) -> list[str]:
-    """valid.py's tasks for one run: every --tasks task on the first --task_runs runs, on the
-    others only those of --every_run_tasks."""
-    if row.get("with_tasks", True):
-        return plan.tasks
-    every = set(task_names(getattr(args, "every_run_tasks", None)))
-    return [t for t in plan.tasks if t in every]
-
-
-def task_names(spec: Optional[str]) -> list[str]:
-    """"wikitext, pile" -> ["wikitext", "pile"] (None: none)."""
-    return [t.strip() for t in (spec or "").split(",") if t.strip()]
 
 
 def in_process_measures(args: argparse.Namespace, plan: Plan, method: str, md: MethodDir, row: dict,
@@ -584,9 +575,14 @@ def run_method(args: argparse.Namespace, plan: Plan, run: RunKey, method: str) -
 # ----------------------------------------------------------------------------- tuning
 
 
+def comma_items(spec: Optional[str]) -> list[str]:
+    """"ga, kl" -> ["ga", "kl"] (None or empty: none)."""
+    return [b.strip() for b in (spec or "").split(",") if b.strip()]
+
+
 def baselines(spec: Optional[str]) -> list[str]:
     """--baseline ga,kl -> ["ga", "kl"] (None or empty: no paired differences)."""
-    return [b.strip() for b in (spec or "").split(",") if b.strip()]
+    return comma_items(spec)
 
 
 def tune(args: argparse.Namespace, plan: Plan) -> None:
